@@ -1,0 +1,129 @@
+"""The lifecycle every task handler shares: validate -> preprocess -> infer(batch) -> postprocess.
+
+A handler overrides those four steps and little else. ``preprocess`` works on one request
+(decode + preprocessing, no model), ``infer`` on a batch of preprocessed requests (the model
+and its explanations), ``postprocess`` on one request again (files and reply fields), so the
+server can batch and overlap work without the handler knowing.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, UNREADABLE_IMAGE, ServiceError
+from daemon.protocol import reject_unknown_fields
+from tasks import imaging
+
+MIN_IMAGE_SIDE = 32
+
+
+@dataclass
+class Settings:
+    """Daemon-wide options a handler needs."""
+    device: torch.device
+    output_root: Path | None = None
+    explain: str = "gradcam"
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    fold: int | None = None
+
+
+@dataclass
+class Job:
+    """One accepted task request on its way through the lifecycle."""
+    task: str
+    request: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskHandler:
+    """Base class: owns the card, the fold networks and the reply's shape."""
+
+    task: ClassVar[str] = ""
+    # Request fields a task accepts beyond ``task`` and ``id``.
+    fields: ClassVar[frozenset[str]] = frozenset()
+    # Reply fields that come right after ``result`` (the osteo seed's order), before ``task``.
+    leading_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, card: dict[str, Any], networks: list[torch.nn.Module], settings: Settings,
+                 source: str) -> None:
+        self.card = card
+        self.networks = networks
+        self.settings = settings
+        self.source = source
+
+    @classmethod
+    def build_networks(cls, card: dict[str, Any], state_dicts: list[dict[str, torch.Tensor]],
+                       device: torch.device) -> list[torch.nn.Module]:
+        """Build one network per fold from the card and load its weights (strict)."""
+        raise NotImplementedError
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """The ``model`` field of every reply."""
+        return {"name": self.card["name"], "version": self.card["version"], "demo": bool(self.card.get("demo", False))}
+
+    def warm_up(self) -> None:
+        """Run once at start-up so that lazy imports and first-call allocations do not land on
+        the first request (grad-cam's import alone costs seconds)."""
+
+    # --- the four steps -------------------------------------------------------------------
+    def validate(self, request: dict[str, Any]) -> Job:
+        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong."""
+        reject_unknown_fields(request, self.fields | {"task", "id"})
+        return Job(task=self.task, request=request)
+
+    def preprocess(self, job: Job) -> Any:
+        raise NotImplementedError
+
+    def infer(self, batch: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def postprocess(self, job: Job, prepared: Any, inferred: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- shared helpers -------------------------------------------------------------------
+    def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
+        """Read an input image through the one reader, with the daemon's size cap and error codes."""
+        path = os.path.abspath(img_path)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} does not exist") from None
+        except OSError as exc:
+            raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} cannot be accessed: {exc.strerror}") from None
+        if stat.S_ISDIR(mode):
+            raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is a folder, not an image file")
+        try:
+            image = imaging.read_image(path, color=color, max_pixels=self.settings.max_pixels)
+        except imaging.ImageTooLarge as exc:
+            raise ServiceError(IMAGE_TOO_LARGE, str(exc)) from None
+        except imaging.ImageReadError as exc:
+            raise ServiceError(UNREADABLE_IMAGE, str(exc)) from None
+        except FileNotFoundError:
+            raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} does not exist") from None
+        except PermissionError:
+            raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is not readable (permission denied)") from None
+        if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+            raise ServiceError(UNREADABLE_IMAGE, f"image is {image.shape[1]}x{image.shape[0]} pixels; "
+                                                 f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
+        return image
+
+    def reply(self, job: Job, fields: dict[str, Any]) -> dict[str, Any]:
+        """Assemble an ok reply: result, leading fields, task, id, the rest, model, elapsed_ms."""
+        reply: dict[str, Any] = {"result": "ok"}
+        reply.update({key: fields[key] for key in self.leading_fields})
+        reply["task"] = self.task
+        if "id" in job.request:
+            reply["id"] = job.request["id"]
+        reply.update({key: value for key, value in fields.items() if key not in self.leading_fields})
+        reply["model"] = self.model_info
+        reply["elapsed_ms"] = round((time.perf_counter() - job.started) * 1000, 1)
+        return reply

@@ -1,0 +1,114 @@
+"""Where results go: destination checks, seed-style file names, and writes that never overwrite.
+
+Files are named ``{basename}_{kind}_{%Y%m%d%H%M%S}{ext}`` as the osteo seed did; when that name
+is taken, ``_1``, ``_2``... is appended instead of overwriting. Every file is written to a
+temporary name in the same folder, flushed to disk, then linked to its final name, so a reader
+(or a crash) never sees a half-written file under a final name.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from daemon.errors import INTERNAL, INVALID_REQUEST, PATH_NOT_ALLOWED, ServiceError
+
+MAX_SUFFIX = 10_000
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True when ``path`` (already resolved) is ``root`` or below it."""
+    return path == root or root in path.parents
+
+
+def prepare_destination(destination: str, output_root: Path | None) -> Path:
+    """Resolve, confine and create the destination folder; returns its absolute real path.
+
+    With ``output_root`` set, the folder must lie inside it after resolving ``..`` and symlinks.
+    """
+    folder = Path(os.path.realpath(os.path.abspath(destination)))
+    if output_root is not None and not is_within(folder, output_root):
+        raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is outside the output root "
+                                             f"{str(output_root)!r}")
+    if folder.exists() and not folder.is_dir():
+        raise ServiceError(INVALID_REQUEST, f"destination_path {destination!r} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {destination!r}: {exc.strerror}") from None
+    except OSError as exc:
+        raise ServiceError(INVALID_REQUEST, f"cannot create destination_path {destination!r}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is not writable")
+    return folder
+
+
+def timestamp(now: datetime | None = None) -> str:
+    """The seed's file-name time stamp, local time to the second."""
+    return (now or datetime.now()).strftime("%Y%m%d%H%M%S")
+
+
+def output_stem(img_path: str) -> str:
+    """The base name used for outputs: the input's file name without its extension."""
+    return Path(img_path).stem or "image"
+
+
+def _link_without_overwrite(tmp: str, folder: Path, stem: str, ext: str) -> Path:
+    """Give ``tmp`` the first free name ``stem[_N]ext``; an existing file is never replaced."""
+    for n in range(MAX_SUFFIX):
+        final = folder / (f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        try:
+            os.link(tmp, final)
+            return final
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # File systems without hard links: reserve the name exclusively, then move over it.
+            try:
+                os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            os.replace(tmp, final)
+            return final
+    raise ServiceError(INTERNAL, f"no free output name for {stem}{ext} after {MAX_SUFFIX} tries")
+
+
+def write_bytes(folder: Path, stem: str, ext: str, data: bytes) -> Path:
+    """Write ``data`` atomically under a new name in ``folder``; returns the absolute final path."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem[:40]}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        return _link_without_overwrite(tmp, folder, stem, ext)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image: (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA."""
+    if image.dtype != np.uint8:
+        raise ValueError("encode_png expects uint8")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise ServiceError(INTERNAL, "PNG encoding failed")
+    return buffer.tobytes()
+
+
+def write_png(folder: Path, stem: str, image: np.ndarray) -> Path:
+    """Encode and atomically write a PNG; returns its absolute path."""
+    return write_bytes(folder, stem, ".png", encode_png(image))

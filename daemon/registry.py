@@ -1,0 +1,155 @@
+"""Find the model cards under WEIGHTS, verify and load every model once, and pick the device.
+
+A task whose card is missing, malformed, tampered with (sha256 mismatch) or fails to build is
+recorded as unavailable with the reason; the other tasks still serve. A single seed ``.pth``
+file instead of a folder is imported on the fly as an osteo model, as the seed's run_model.py
+read it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daemon.handlers import HANDLERS, handler_class
+from daemon.handlers.base import Settings, TaskHandler
+from daemon.protocol import TASKS
+from tasks import cards, osteo
+from tasks.weights import load_state_dict
+
+log = logging.getLogger("daemon.registry")
+
+
+@dataclass
+class Registry:
+    """What the daemon serves: a handler per available task, a reason per unavailable one."""
+    handlers: dict[str, TaskHandler] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        """Per task: available or the reason it is not (the ready line and ``op: health``)."""
+        report: dict[str, Any] = {task: {"available": True, "model": handler.model_info}
+                                  for task, handler in self.handlers.items()}
+        report.update({task: {"available": False, "reason": reason} for task, reason in self.unavailable.items()})
+        return report
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every loaded card's summary (``op: models``)."""
+        listing = []
+        for task, handler in self.handlers.items():
+            summary = cards.card_summary(handler.card)
+            summary["source"] = handler.source
+            summary["folds_used"] = len(handler.networks)
+            listing.append(summary)
+        return listing
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when present else CPU; ``cuda`` without CUDA falls back to CPU with a warning."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("--device %s asked for CUDA but none is available: running on CPU", requested)
+        return torch.device("cpu")
+    return device
+
+
+def _select_folds(card: dict[str, Any], fold: int | None) -> list[int]:
+    """All folds (ensemble) or the one chosen with ``--fold``."""
+    count = len(card["folds"])
+    if fold is None:
+        return list(range(count))
+    if not 0 <= fold < count:
+        raise cards.CardError(f"--fold {fold} asked for, but the card has folds 0..{count - 1}")
+    return [fold]
+
+
+def _load_card_folder(folder: Path, settings: Settings) -> TaskHandler:
+    card = cards.read_card(folder)
+    task = card["task"]
+    if task not in HANDLERS:
+        raise cards.CardError(f"this daemon version has no handler for task {task!r}")
+    cards.verify_folds(folder, card)
+    chosen = _select_folds(card, settings.fold)
+    paths = cards.fold_paths(folder, card)
+    state_dicts = [load_state_dict(paths[i]) for i in chosen]
+    cls = handler_class(task)
+    networks = cls.build_networks(card, state_dicts, settings.device)
+    handler = cls(card, networks, settings, source=str(folder / cards.CARD_FILE))
+    handler.warm_up()
+    return handler
+
+
+def _load_seed_checkpoint(path: Path, settings: Settings) -> TaskHandler:
+    """Serve an original osteo ``model.pth`` as the seed did: variant and labels from its name."""
+    variant, labels = osteo.seed_checkpoint_spec(path.name)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state, notes = osteo.seed_state_dict(checkpoint, num_classes=len(labels))
+    card = {
+        "task": "osteo", "name": path.stem, "version": "seed-import", "demo": False,
+        "architecture": osteo.default_architecture(variant, num_classes=len(labels)),
+        "input": osteo.default_input_spec(), "labels": labels,
+        "folds": [{"file": path.name, "sha256": cards.sha256_file(path)}],
+        "data": {"source": "original seed checkpoint, imported at start-up", **notes},
+    }
+    cls = handler_class("osteo")
+    networks = cls.build_networks(card, [state], settings.device)
+    handler = cls(card, networks, settings, source=str(path))
+    handler.warm_up()
+    return handler
+
+
+def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = None) -> Registry:
+    """Load every card under ``weights`` (or a seed .pth), restricted to ``tasks`` when given."""
+    registry = Registry()
+    wanted = set(tasks) if tasks else None
+    if weights.is_file():
+        try:
+            registry.handlers["osteo"] = _load_seed_checkpoint(weights, settings)
+        except Exception as exc:  # a broken checkpoint must not stop the daemon from answering
+            log.exception("cannot load seed checkpoint %s", weights)
+            registry.unavailable["osteo"] = f"cannot load {weights.name}: {exc}"
+        return registry
+    folders = sorted({path.parent for path in weights.glob(f"*/{cards.CARD_FILE}")})
+    if (weights / cards.CARD_FILE).is_file():
+        folders.insert(0, weights)
+    for folder in folders:
+        task_hint = folder.name if folder != weights else "?"
+        claimed = _card_task(folder)
+        if wanted is not None and claimed is not None and claimed not in wanted:
+            continue  # not asked for with --tasks: do not spend start-up time loading it
+        try:
+            handler = _load_card_folder(folder, settings)
+        except Exception as exc:
+            task = claimed or task_hint
+            if wanted is None or task in wanted:
+                log.error("task %s unavailable: %s", task, exc)
+                registry.unavailable[task] = f"{folder}: {exc}"
+            continue
+        if wanted is not None and handler.task not in wanted:
+            continue
+        if handler.task in registry.handlers:
+            log.warning("two cards for task %s; keeping %s", handler.task, registry.handlers[handler.task].source)
+            continue
+        log.info("loaded %s (%s, %d fold(s)) from %s", handler.task, handler.card["name"],
+                 len(handler.networks), folder)
+        registry.handlers[handler.task] = handler
+    for task in (wanted if wanted is not None else ()):
+        if task not in registry.handlers and task not in registry.unavailable:
+            registry.unavailable[task] = f"no card for {task!r} under {weights}"
+    return registry
+
+
+def _card_task(folder: Path) -> str | None:
+    """The task a (possibly broken) card claims, for reporting which task is unavailable."""
+    try:
+        import json
+        value = json.loads((folder / cards.CARD_FILE).read_text(encoding="utf-8")).get("task")
+        return value if value in TASKS else None
+    except Exception:
+        return None

@@ -1,0 +1,276 @@
+"""The request loop: read lines from stdin, answer each with exactly one JSON line on stdout.
+
+A reader thread turns stdin into a queue of lines, so EOF and SIGTERM/SIGINT are handled the
+same way: everything already read is answered, then the process exits 0. Requests of one task
+that are already waiting are inferred as one batch; replies always leave in request order.
+Nothing but protocol lines reaches stdout: the real stdout is kept for replies and file
+descriptor 1 is pointed at stderr, so stray prints from libraries land in the log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from daemon import __version__
+from daemon.errors import (INTERNAL, INVALID_REQUEST, MODEL_UNAVAILABLE, UNKNOWN_TASK, ServiceError)
+from daemon.handlers.base import Job, Settings
+from daemon.protocol import MAX_LINE_BYTES, OPS, TASKS, encode_reply, fail_reply, parse_line, reject_unknown_fields
+from daemon.registry import Registry
+
+log = logging.getLogger("daemon.server")
+
+_EOF = object()
+_STOP = object()
+
+
+@dataclass
+class Oversized:
+    """A line longer than the limit; its bytes were dropped as they arrived."""
+    length: int
+
+
+def claim_stdout() -> BinaryIO:
+    """Keep the real stdout for protocol lines and send everything else written to fd 1 to stderr."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(protocol_fd, "wb", buffering=0)
+
+
+def read_lines(fd: int, lines: "queue.SimpleQueue[Any]", limit: int = MAX_LINE_BYTES) -> None:
+    """Reader thread: split raw stdin into lines (bytes) and queue them; _EOF at the end.
+
+    Reads the file descriptor directly (no Python buffered reader whose lock could be held at
+    exit) and never holds more than ``limit`` bytes of one line.
+    """
+    pending = bytearray()
+    dropped = 0
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if dropped:
+                lines.put(Oversized(dropped + len(pending)))
+            elif pending.strip():
+                lines.put(bytes(pending))
+            lines.put(_EOF)
+            return
+        pending += chunk
+        while True:
+            newline = pending.find(b"\n")
+            if newline < 0:
+                if len(pending) > limit:
+                    dropped += len(pending)
+                    pending.clear()
+                break
+            line = bytes(pending[:newline])
+            del pending[:newline + 1]
+            if dropped:
+                lines.put(Oversized(dropped + len(line)))
+                dropped = 0
+            elif line.strip():
+                lines.put(line)
+
+
+@dataclass
+class Entry:
+    """One line of the current window, from arrival to reply."""
+    raw: Any
+    started: float
+    reply: dict[str, Any] | None = None
+    job: Job | None = None
+    prepared: Any = None
+    inferred: Any = None
+    stop_after: bool = False
+
+
+class Server:
+    """Owns the registry, the reply stream and the loop."""
+
+    def __init__(self, settings: Settings, default_task: str, out: BinaryIO, max_batch: int = 4,
+                 registry: Registry | None = None) -> None:
+        self.registry = registry or Registry()
+        self.settings = settings
+        self.default_task = default_task
+        self.out = out
+        self.max_batch = max(1, max_batch)
+        self.lines: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.started = time.time()
+        self.answered = 0
+
+    # --- output -------------------------------------------------------------------------
+    def emit(self, reply: dict[str, Any]) -> None:
+        """Write one protocol line; a client that went away ends the process quietly."""
+        try:
+            data = encode_reply(reply)
+        except (TypeError, ValueError) as exc:
+            log.error("reply could not be encoded: %s", exc)
+            data = encode_reply(fail_reply(INTERNAL, "reply could not be encoded as JSON",
+                                           task=reply.get("task"), has_id="id" in reply, request_id=reply.get("id")))
+        try:
+            self.out.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            log.warning("stdout closed by the client: exiting")
+            os._exit(0)
+
+    def ready_line(self) -> dict[str, Any]:
+        return {"event": "ready", "message": "Loaded pretrained weights", "version": __version__,
+                "device": str(self.settings.device), "default_task": self.default_task,
+                "tasks": self.registry.status(), "pid": os.getpid()}
+
+    # --- signals and the loop -----------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop reading, answer what was accepted, exit 0."""
+        def stop(signum, _frame):
+            log.info("signal %d: finishing accepted requests, then exiting", signum)
+            self.lines.put(_STOP)  # SimpleQueue.put is safe in a signal handler
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def serve(self, in_fd: int = 0) -> int:
+        threading.Thread(target=read_lines, args=(in_fd, self.lines), name="stdin-reader", daemon=True).start()
+        self.emit(self.ready_line())
+        while True:
+            window, finished = self._next_window()
+            if window:
+                self._process(window)
+            if finished or any(entry.stop_after for entry in window):
+                log.info("exiting after %d replies", self.answered)
+                return 0
+
+    def _next_window(self) -> tuple[list[Entry], bool]:
+        """Block for one line, then take up to ``max_batch`` more lines that are already waiting."""
+        window: list[Entry] = []
+        item = self.lines.get()
+        while True:
+            if item is _EOF or item is _STOP:
+                return window, True
+            window.append(Entry(raw=item, started=time.perf_counter()))
+            if len(window) >= self.max_batch:
+                return window, False
+            try:
+                item = self.lines.get(block=False)
+            except queue.Empty:
+                return window, False
+
+    # --- one window ---------------------------------------------------------------------
+    def _process(self, window: list[Entry]) -> None:
+        for index, entry in enumerate(window):
+            self._admit(entry)
+            if entry.stop_after:
+                del window[index + 1:]  # lines after a shutdown were not accepted
+                break
+        self._infer(window)
+        for entry in window:
+            if entry.reply is None:
+                self._finish(entry)
+            self.emit(entry.reply)
+            self.answered += 1
+
+    def _fail(self, entry: Entry, error: ServiceError, task: str | None, request: dict | None) -> None:
+        entry.reply = fail_reply(error.code, error.message, task=task,
+                                 has_id=isinstance(request, dict) and "id" in request,
+                                 request_id=request.get("id") if isinstance(request, dict) else None,
+                                 elapsed_ms=(time.perf_counter() - entry.started) * 1000)
+
+    def _admit(self, entry: Entry) -> None:
+        """Parse, route, validate and preprocess one line; failures become its reply."""
+        request: dict | None = None
+        task: str | None = self.default_task
+        try:
+            if isinstance(entry.raw, Oversized):
+                raise ServiceError(INVALID_REQUEST, f"request line of {entry.raw.length} bytes is longer than "
+                                                    f"the {MAX_LINE_BYTES}-byte limit")
+            request = parse_line(entry.raw)
+            if "op" in request:
+                task = None
+                entry.reply = self._control(request)
+                entry.stop_after = request.get("op") == "shutdown" and entry.reply["result"] == "ok"
+                return
+            task = self._route(request)
+            handler = self.registry.handlers[task]
+            entry.job = handler.validate(request)
+            entry.job.started = entry.started
+            entry.prepared = handler.preprocess(entry.job)
+        except ServiceError as exc:
+            self._fail(entry, exc, task, request)
+        except Exception as exc:  # never let one request take the daemon down
+            self._internal(entry, exc, task, request)
+
+    def _route(self, request: dict[str, Any]) -> str:
+        task = request.get("task", self.default_task)
+        if not isinstance(task, str):
+            raise ServiceError(INVALID_REQUEST, "'task' must be a string")
+        if task not in TASKS:
+            raise ServiceError(UNKNOWN_TASK, f"unknown task {task[:64]!r}; tasks: {', '.join(TASKS)}")
+        if task not in self.registry.handlers:
+            reason = self.registry.unavailable.get(task, "not loaded (see --tasks and the weights folder)")
+            raise ServiceError(MODEL_UNAVAILABLE, f"task {task!r} is unavailable: {reason}")
+        return task
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op not in OPS:
+            raise ServiceError(INVALID_REQUEST, f"unknown op {str(op)[:64]!r}; ops: {', '.join(OPS)}")
+        reject_unknown_fields(request, {"op", "id"})
+        reply: dict[str, Any] = {"result": "ok", "op": op}
+        if "id" in request:
+            reply["id"] = request["id"]
+        if op == "health":
+            reply.update(tasks=self.registry.status(), uptime_s=round(time.time() - self.started, 1),
+                         replies=self.answered, device=str(self.settings.device), version=__version__)
+        elif op == "models":
+            reply["models"] = self.registry.models()
+        return reply
+
+    def _infer(self, window: list[Entry]) -> None:
+        """One ``infer`` call per task over the window's prepared requests."""
+        by_task: dict[str, list[Entry]] = {}
+        for entry in window:
+            if entry.reply is None and entry.job is not None:
+                by_task.setdefault(entry.job.task, []).append(entry)
+        for task, entries in by_task.items():
+            handler = self.registry.handlers[task]
+            try:
+                results = handler.infer([entry.prepared for entry in entries])
+                for entry, result in zip(entries, results):
+                    entry.inferred = result
+            except Exception:
+                if len(entries) == 1:
+                    raise_into = entries[0]
+                    self._internal(raise_into, sys.exc_info()[1], task, raise_into.job.request)
+                    continue
+                log.warning("batch of %d %s requests failed; retrying one by one", len(entries), task)
+                for entry in entries:  # isolate the request that breaks the batch
+                    try:
+                        entry.inferred = handler.infer([entry.prepared])[0]
+                    except Exception as exc:
+                        self._internal(entry, exc, task, entry.job.request)
+
+    def _finish(self, entry: Entry) -> None:
+        handler = self.registry.handlers[entry.job.task]
+        try:
+            entry.reply = handler.reply(entry.job, handler.postprocess(entry.job, entry.prepared, entry.inferred))
+        except ServiceError as exc:
+            self._fail(entry, exc, entry.job.task, entry.job.request)
+        except Exception as exc:
+            self._internal(entry, exc, entry.job.task, entry.job.request)
+
+    def _internal(self, entry: Entry, exc: BaseException, task: str | None, request: dict | None) -> None:
+        log.error("internal error on request %s:\n%s", (request or {}).get("id", "?") if isinstance(request, dict)
+                  else "?", "".join(traceback.format_exception(exc)))
+        name = type(exc).__name__
+        text = "out of memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else str(exc)
+        self._fail(entry, ServiceError(INTERNAL, f"internal error ({name}): {text[:300]}"), task, request)

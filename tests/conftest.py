@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny model cards built in the test session, and a real daemon subprocess driver."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tasks import cards, osteo  # noqa: E402
+from tasks.weights import save_state_dict  # noqa: E402
+
+TINY_OSTEO_SIZE = (96, 192)
+
+
+def write_tiny_osteo_card(folder: Path, *, folds: int = 1, seed: int = 0, demo: bool = True) -> Path:
+    """A randomly initialised, very small EfficientNet osteo card (for protocol tests, not accuracy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = osteo.default_architecture("efficientnet-b0", width_coefficient=0.25, depth_coefficient=0.2)
+    entries = []
+    for k in range(folds):
+        torch.manual_seed(seed + k)
+        network = osteo.build_network(architecture)
+        path = folder / f"fold{k}.safetensors"
+        save_state_dict(network.state_dict(), path)
+        entries.append({"file": path.name, "sha256": cards.sha256_file(path), "fold": k})
+    cards.write_card(folder, {
+        "task": "osteo", "name": "osteo-tiny-test", "version": "test", "demo": demo,
+        "architecture": architecture, "input": osteo.default_input_spec(TINY_OSTEO_SIZE),
+        "labels": osteo.LABELS_C1_C3, "folds": entries, "data": {"source": "random init for tests"},
+    })
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A weights folder holding a tiny osteo card."""
+    root = tmp_path_factory.mktemp("weights")
+    write_tiny_osteo_card(root / "osteo")
+    return root
+
+
+def panoramic_phantom(height: int = 150, width: int = 300, seed: int = 0) -> np.ndarray:
+    """A small panoramic-like 8-bit image: bright smooth background, a bright arch, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = 60 + 40 * np.sin(xx / width * np.pi) * (yy / height)
+    arch = 90 * np.exp(-((yy - (0.3 * height + 0.4 * height * ((xx - width / 2) / (width / 2)) ** 2)) ** 2) / 40.0)
+    image = background + arch + rng.normal(0, 6, size=(height, width))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+class Daemon:
+    """Drives ``python run_model.py`` through its pipes, the way a hospital system would."""
+
+    def __init__(self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "run_model.py"), *args], cwd=cwd,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self._buffer = b""
+        self.ready = self.read_reply(timeout)
+
+    def send_raw(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read_reply(self, timeout: float = 120) -> dict[str, Any]:
+        """The next stdout line, parsed; fails the test if it is not a JSON object."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply within {timeout} s; stderr: {self.stderr_tail()}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise EOFError(f"daemon closed stdout; stderr: {self.stderr_tail()}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply = json.loads(line.decode("ascii"))
+        assert isinstance(reply, dict), line
+        return reply
+
+    def ask(self, request: dict[str, Any] | bytes | str, timeout: float = 120) -> dict[str, Any]:
+        if isinstance(request, dict):
+            request = json.dumps(request)
+        if isinstance(request, str):
+            request = request.encode()
+        self.send_raw(request.rstrip(b"\n") + b"\n")
+        return self.read_reply(timeout)
+
+    def close(self, timeout: float = 60) -> int:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def stderr_tail(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+
+    def rest_of_stdout(self) -> bytes:
+        """Everything left on stdout after the process exited (must be empty or protocol lines)."""
+        return self._buffer + self.proc.stdout.read()
+
+
+@pytest.fixture
+def daemon_factory():
+    """Start daemons inside a test; every one is closed at the end."""
+    started: list[Daemon] = []
+
+    def start(*args: str, **kwargs: Any) -> Daemon:
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
