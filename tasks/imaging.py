@@ -1,0 +1,300 @@
+"""The one image reader for the daemon and the trainers: PNG/JPEG/TIFF (Pillow) and DICOM (pydicom),
+detected by content, size-capped from the header, always returned as C-contiguous uint8 gray or RGB."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+
+DEFAULT_MAX_PIXELS: int = 80_000_000
+
+# packages that provide pydicom's decoders, by transfer syntax (used in error messages only)
+_PLUGIN_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg and pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg and pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg and pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg and pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg and pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg and pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg and pylibjpeg-rle",
+}
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+_DICOM_FIRST_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that transpose height and width
+
+
+class ImageReadError(Exception):
+    """The file exists but cannot be read as an image."""
+
+    code = "unreadable_image"
+
+
+class ImageTooLarge(ImageReadError):
+    """The image header announces more pixels than the cap allows."""
+
+    code = "image_too_large"
+
+
+def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly onto 0..255 (rounded, clipped); used for every >8-bit source."""
+    v = np.asarray(values, dtype=np.float64)
+    if not high > low:
+        return np.ascontiguousarray(np.where(v > low, 255, 0).astype(np.uint8))
+    scaled = np.rint((v - low) * (255.0 / (high - low)))
+    return np.ascontiguousarray(np.clip(scaled, 0, 255).astype(np.uint8))
+
+
+def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of the image as read_image would return it, from the header only."""
+    with _open_regular(path) as f:
+        if _is_dicom(f):
+            rows, cols, _ = _dicom_size(_dicom_header(f))
+            return rows, cols
+        with _pil_open(f) as img:
+            w, h = img.size
+            if _exif_orientation(img) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
+            return h, w
+
+
+def read_image(path: str | os.PathLike, *, color: str = "gray",
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode `path` to uint8 (H, W) for color="gray" or (H, W, 3) for color="rgb"."""
+    if color not in ("gray", "rgb"):
+        raise ValueError(f"color must be 'gray' or 'rgb', not {color!r}")
+    with _open_regular(path) as f:
+        arr = _read_dicom(f, max_pixels) if _is_dicom(f) else _read_pil(f, max_pixels)
+    return _to_color(arr, color)
+
+
+# ---------------------------------------------------------------- file access and detection
+
+def _open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for reading; never opens folders, devices or fifos."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {os.fspath(path)}") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot access {os.fspath(path)}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{os.fspath(path)} is not a regular file (a folder or device?)")
+    if st.st_size == 0:
+        raise ImageReadError(f"{os.fspath(path)} is empty (0 bytes)")
+    try:  # O_NONBLOCK: a fifo swapped in after the stat cannot block the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageReadError(f"cannot open {os.fspath(path)}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageReadError(f"{os.fspath(path)} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _is_dicom(f: BinaryIO) -> bool:
+    """DICOM by content: 'DICM' at byte 128, or (no preamble) a PIL-unknown file opening with a DICOM tag."""
+    head = f.read(132)
+    f.seek(0)
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or int.from_bytes(head[0:2], "little") not in _DICOM_FIRST_GROUPS:
+        return False
+    try:
+        Image.open(f).close()  # a file PIL recognises is never taken for DICOM
+        return False
+    except Exception:
+        return True
+    finally:
+        f.seek(0)
+
+
+def _check_cap(height: int, width: int, frames: int, max_pixels: int) -> None:
+    total = height * width * frames
+    if total > max_pixels:
+        what = f"{width} x {height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLarge(f"image is too large: {what} = {total:,} pixels, "
+                            f"the limit is {max_pixels:,} pixels")
+
+
+# ---------------------------------------------------------------- PNG / JPEG / TIFF
+
+def _pil_open(f: BinaryIO) -> Image.Image:
+    try:
+        return Image.open(f)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image is too large to open safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError("not a recognised image format (expected PNG, JPEG, TIFF or DICOM)") from exc
+    except Exception as exc:
+        raise ImageReadError(f"image file is damaged or incomplete: {exc}") from exc
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _read_pil(f: BinaryIO, max_pixels: int) -> np.ndarray:
+    with _pil_open(f) as img:
+        w, h = img.size
+        _check_cap(h, w, 1, max_pixels)
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _pil_to_array(img)
+        except ImageReadError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image is too large to decode safely: {exc}") from exc
+        except Exception as exc:
+            raise ImageReadError(f"image file is damaged or incomplete ({img.format}): {exc}") from exc
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3); 16/32-bit gray is min-max windowed."""
+    mode = img.mode
+    if mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(img).astype(np.float64)
+        return window_to_uint8(values, float(values.min()), float(values.max()))
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB"))  # RGB, RGBA (alpha dropped), P/PA, CMYK, YCbCr, LAB...
+
+
+# ---------------------------------------------------------------- DICOM
+
+def _dicom_header(f: BinaryIO) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(f, force=True, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageReadError(f"DICOM file is damaged or incomplete: {exc}") from exc
+    finally:
+        f.seek(0)
+    return ds
+
+
+def _dicom_size(ds: pydicom.Dataset) -> tuple[int, int, int]:
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except Exception as exc:
+        raise ImageReadError(f"DICOM image size fields are unreadable: {exc}") from exc
+    if rows <= 0 or cols <= 0:
+        raise ImageReadError("DICOM file has no image dimensions (Rows/Columns missing): "
+                             "it is not an image or it is incomplete")
+    return rows, cols, max(frames, 1)
+
+
+def _set_transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """Files without file meta: derive the transfer syntax from how the data set was encoded."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts:
+        return UID(ts)
+    implicit, little = ds.original_encoding
+    ts = (ExplicitVRBigEndian if little is False else
+          ExplicitVRLittleEndian if implicit is False else ImplicitVRLittleEndian)
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ts
+
+
+def _read_dicom(f: BinaryIO, max_pixels: int) -> np.ndarray:
+    _check_cap(*_dicom_size(_dicom_header(f)), max_pixels)
+    try:
+        ds = pydicom.dcmread(f, force=True)
+    except Exception as exc:
+        raise ImageReadError(f"DICOM file is damaged or incomplete: {exc}") from exc
+    if "PixelData" not in ds:
+        raise ImageReadError("DICOM file contains no pixel data")
+    ts = _set_transfer_syntax(ds)
+    _check_decoder(ts)
+    try:
+        ds.pixel_array_options(index=0)  # first frame only; YBR is converted to RGB
+        arr = ds.pixel_array
+        return _dicom_to_uint8(arr, ds)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"cannot decode DICOM pixel data ({ts.name}): {exc}") from exc
+
+
+def _check_decoder(ts: UID) -> None:
+    try:
+        decoder = get_decoder(ts)
+    except Exception as exc:
+        raise ImageReadError(f"DICOM transfer syntax {ts.name} ({ts}) is not supported") from exc
+    if not decoder.is_available:
+        need = _PLUGIN_PACKAGES.get(str(ts), "a pydicom pixel-data plugin")
+        raise ImageReadError(f"cannot decode DICOM compressed as {ts.name} ({ts}): "
+                             f"install {need} on this machine")
+
+
+def _dicom_to_uint8(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:  # RGB (YBR already converted by pydicom)
+        if arr.dtype == np.uint8:
+            return arr
+        return window_to_uint8(arr, float(arr.min()), float(arr.max()))
+    values, low, high = _gray_window(arr, ds)
+    out = window_to_uint8(values, low, high)
+    return 255 - out if photometric == "MONOCHROME1" else out
+
+
+def _gray_window(arr: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, float, float]:
+    """Modality LUT / rescale, then VOI LUT or the first window, else min-max (8-bit data: as stored)."""
+    has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds
+    values = apply_modality_lut(arr, ds) if has_modality else arr
+    if "VOILUTSequence" in ds:
+        n_entries, first_mapped = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        table = apply_voi_lut(np.arange(first_mapped, first_mapped + (n_entries or 65536)), ds, index=0)
+        return apply_voi_lut(values, ds, index=0), float(table.min()), float(table.max())
+    center, width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
+    if center is not None and width is not None:
+        if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "LINEAR_EXACT" and width > 0:
+            return values, center - width / 2, center + width / 2
+        if width >= 1:  # DICOM PS3.3 C.11.2.1.2 linear window
+            return values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    if not has_modality and int(ds.get("BitsStored", 8)) <= 8 and arr.dtype.itemsize == 1:
+        low = -128.0 if arr.dtype.kind == "i" else 0.0
+        return values, low, low + 255
+    return values, float(np.min(values)), float(np.max(values))
+
+
+def _first_float(value: object) -> float | None:
+    """First value of a possibly multi-valued DS element; None when absent or unparsable."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    try:
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- colour
+
+def _to_color(arr: np.ndarray, color: str) -> np.ndarray:
+    if color == "gray" and arr.ndim == 3:
+        arr = _luma(arr)
+    elif color == "rgb" and arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma with Pillow's fixed-point weights (identical to Image.convert("L"))."""
+    r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
