@@ -60,13 +60,18 @@ def pick_device(requested: str) -> torch.device:
 
 
 def _select_folds(card: dict[str, Any], fold: int | None) -> list[int]:
-    """All folds (ensemble) or the one chosen with ``--fold``."""
-    count = len(card["folds"])
+    """Indices of the card's fold entries to load: all (ensemble) or those of ``--fold``.
+
+    An entry's fold number is its ``fold`` field (a card with several models per fold, like
+    scar's image/clinical/combined, has several entries per fold), else its position.
+    """
+    numbers = [entry.get("fold", index) for index, entry in enumerate(card["folds"])]
     if fold is None:
-        return list(range(count))
-    if not 0 <= fold < count:
-        raise cards.CardError(f"--fold {fold} asked for, but the card has folds 0..{count - 1}")
-    return [fold]
+        return list(range(len(numbers)))
+    chosen = [index for index, number in enumerate(numbers) if number == fold]
+    if not chosen:
+        raise cards.CardError(f"--fold {fold} asked for, but the card has folds {sorted(set(numbers))}")
+    return chosen
 
 
 def _load_card_folder(folder: Path, settings: Settings) -> TaskHandler:
@@ -79,7 +84,7 @@ def _load_card_folder(folder: Path, settings: Settings) -> TaskHandler:
     paths = cards.fold_paths(folder, card)
     state_dicts = [load_state_dict(paths[i]) for i in chosen]
     cls = handler_class(task)
-    networks = cls.build_networks(card, state_dicts, settings.device)
+    networks = cls.build_networks(card, [card["folds"][i] for i in chosen], state_dicts, settings.device)
     handler = cls(card, networks, settings, source=str(folder / cards.CARD_FILE))
     handler.warm_up()
     return handler
@@ -98,7 +103,7 @@ def _load_seed_checkpoint(path: Path, settings: Settings) -> TaskHandler:
         "data": {"source": "original seed checkpoint, imported at start-up", **notes},
     }
     cls = handler_class("osteo")
-    networks = cls.build_networks(card, [state], settings.device)
+    networks = cls.build_networks(card, card["folds"], [state], settings.device)
     handler = cls(card, networks, settings, source=str(path))
     handler.warm_up()
     return handler

@@ -245,3 +245,30 @@ def test_tampered_weights_make_the_task_unavailable(tmp_path, inputs):
     assert reply["error"]["code"] == "model_unavailable"
     assert process.ask({"op": "health"})["result"] == "ok"
     assert process.close() == 0
+
+
+def test_monochrome1_dicom_gives_the_same_diagnosis_as_its_png(daemon, tmp_path):
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from dicom_factory import write_dicom
+
+    gray = panoramic_phantom(160, 320, seed=5)
+    png = tmp_path / "pano.png"
+    Image.fromarray(gray).save(png)
+    # 12-bit data as a CR/DX detector stores it; MONOCHROME1 stores bone dark, the reader inverts it.
+    stored = (gray.astype(np.uint16) * 16)
+    write_dicom(tmp_path / "mono2.dcm", stored, photometric="MONOCHROME2", bits_stored=12,
+                window=(2040, 4081))
+    write_dicom(tmp_path / "mono1.dcm", (4080 - stored).astype(np.uint16), photometric="MONOCHROME1",
+                bits_stored=12, window=(2040, 4081))
+    write_dicom(tmp_path / "rle.dcm", stored, photometric="MONOCHROME2", bits_stored=12, window=(2040, 4081),
+                transfer_syntax=RLELossless)
+    write_dicom(tmp_path / "j2k.dcm", stored, photometric="MONOCHROME2", bits_stored=12, window=(2040, 4081),
+                transfer_syntax=JPEG2000Lossless)
+    replies = {name: daemon.ask({"img_path": str(tmp_path / name), "destination_path": str(tmp_path / "out")})
+               for name in ("pano.png", "mono2.dcm", "mono1.dcm", "rle.dcm", "j2k.dcm")}
+    assert all(r["result"] == "ok" for r in replies.values()), replies
+    reference = replies["pano.png"]
+    for name, reply in replies.items():
+        assert reply["label"] == reference["label"], name
+        assert reply["probability"] == pytest.approx(reference["probability"], abs=0.02), name

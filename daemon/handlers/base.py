@@ -60,9 +60,11 @@ class TaskHandler:
         self.source = source
 
     @classmethod
-    def build_networks(cls, card: dict[str, Any], state_dicts: list[dict[str, torch.Tensor]],
-                       device: torch.device) -> list[torch.nn.Module]:
-        """Build one network per fold from the card and load its weights (strict)."""
+    def build_networks(cls, card: dict[str, Any], entries: list[dict[str, Any]],
+                       state_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> list[Any]:
+        """Build the networks of the chosen fold ``entries`` (card records, aligned with
+        ``state_dicts``) and load their weights strictly; what the list holds is the handler's
+        business (one network per fold for osteo)."""
         raise NotImplementedError
 
     @property

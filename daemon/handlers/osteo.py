@@ -41,7 +41,7 @@ class OsteoHandler(TaskHandler):
     leading_fields = ("diagnosis", "saliency_img_path", "overlay_img_path")
 
     @classmethod
-    def build_networks(cls, card, state_dicts, device):
+    def build_networks(cls, card, entries, state_dicts, device):
         networks = []
         for state in state_dicts:
             network = osteo.build_network(card["architecture"])
