@@ -28,13 +28,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="weights folder holding <task>/card.json (e.g. weights/), or a seed osteo "
                              "model.pth (EfficientNet variant and labels read from its file name)")
     parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: auto)")
+                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N; or a placement per "
+                             "task for several GPUs, e.g. 'osteo=cuda:0,handbone=cuda:1' (tasks not named "
+                             "use auto, or a bare entry: 'cuda:0,handbone=cuda:1') (default: auto)")
     parser.add_argument("--default-task", default="osteo", choices=TASKS,
                         help="task of a request without a 'task' field (default: osteo, as the seed)")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated tasks to load (default: every card found)")
     parser.add_argument("--output-root", type=Path, default=None,
                         help="refuse (path_not_allowed) any destination_path outside this folder")
+    parser.add_argument("--input-root", type=Path, default=None,
+                        help="refuse (path_not_allowed) any img_path outside this folder")
     parser.add_argument("--explain", default="gradcam", choices=("gradcam", "saliency"),
                         help="explanation map: Grad-CAM on the last conv block, or the seed's input "
                              "saliency (default: gradcam); a request may override it with 'explain'")
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "header before decoding (default: 80,000,000)")
     parser.add_argument("--max-batch", type=int, default=4,
                         help="most requests of one task inferred together when several are waiting (default: 4)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="threads decoding and preprocessing requests while the model infers (default: 2)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="stderr log level (default: INFO)")
     args = parser.parse_args(argv)
@@ -55,11 +61,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     if not args.weights.exists():
         parser.error(f"weights path {args.weights} does not exist")
-    if args.output_root is not None:
-        args.output_root = Path(os.path.realpath(args.output_root))
-        if not args.output_root.is_dir():
-            parser.error(f"--output-root {args.output_root} is not an existing folder")
+    for flag in ("output_root", "input_root"):
+        root = getattr(args, flag)
+        if root is not None:
+            setattr(args, flag, Path(os.path.realpath(root)))
+            if not getattr(args, flag).is_dir():
+                parser.error(f"--{flag.replace('_', '-')} {root} is not an existing folder")
+    try:
+        args.device = parse_device_spec(args.device)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
     return args
+
+
+def parse_device_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'cuda' -> ('cuda', {}); 'cuda:0,handbone=cuda:1' -> ('cuda:0', {'handbone': 'cuda:1'})."""
+    default, per_task = "auto", {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        task, sep, device = part.partition("=")
+        if not sep:
+            default = part
+        elif task.strip() not in TASKS:
+            raise ValueError(f"unknown task {task.strip()!r} in {spec!r}; tasks: {', '.join(TASKS)}")
+        else:
+            per_task[task.strip()] = device.strip()
+    return default, per_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     from daemon.server import Server
     from tasks import imaging
 
-    settings = Settings(device=pick_device(args.device), output_root=args.output_root, explain=args.explain,
+    default_device, task_devices = args.device
+    settings = Settings(device=pick_device(default_device), output_root=args.output_root,
+                        input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold)
-    server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch)
+    server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers)
     server.install_signal_handlers()
-    server.registry = load_registry(args.weights, settings, args.tasks)
+    server.registry = load_registry(args.weights, settings, args.tasks,
+                                    {task: pick_device(device) for task, device in task_devices.items()})
     logging.getLogger("daemon").info("ready in %.1f s on %s: %s", time.perf_counter() - began, settings.device,
                                      ", ".join(sorted(server.registry.handlers)) or "no task available")
     return server.serve()

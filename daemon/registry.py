@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ class Registry:
 
     def status(self) -> dict[str, Any]:
         """Per task: available or the reason it is not (the ready line and ``op: health``)."""
-        report: dict[str, Any] = {task: {"available": True, "model": handler.model_info}
+        report: dict[str, Any] = {task: {"available": True, "model": handler.model_info,
+                                         "device": str(handler.settings.device)}
                                   for task, handler in self.handlers.items()}
         report.update({task: {"available": False, "reason": reason} for task, reason in self.unavailable.items()})
         return report
@@ -109,13 +110,22 @@ def _load_seed_checkpoint(path: Path, settings: Settings) -> TaskHandler:
     return handler
 
 
-def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = None) -> Registry:
-    """Load every card under ``weights`` (or a seed .pth), restricted to ``tasks`` when given."""
+def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = None,
+                  task_devices: dict[str, torch.device] | None = None) -> Registry:
+    """Load every card under ``weights`` (or a seed .pth), restricted to ``tasks`` when given.
+
+    ``task_devices`` places tasks on other devices than ``settings.device`` (several GPUs).
+    """
     registry = Registry()
+    task_devices = task_devices or {}
+
+    def settings_for(task: str | None) -> Settings:
+        return replace(settings, device=task_devices[task]) if task in task_devices else settings
+
     wanted = set(tasks) if tasks else None
     if weights.is_file():
         try:
-            registry.handlers["osteo"] = _load_seed_checkpoint(weights, settings)
+            registry.handlers["osteo"] = _load_seed_checkpoint(weights, settings_for("osteo"))
         except Exception as exc:  # a broken checkpoint must not stop the daemon from answering
             log.exception("cannot load seed checkpoint %s", weights)
             registry.unavailable["osteo"] = f"cannot load {weights.name}: {exc}"
@@ -129,7 +139,7 @@ def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = N
         if wanted is not None and claimed is not None and claimed not in wanted:
             continue  # not asked for with --tasks: do not spend start-up time loading it
         try:
-            handler = _load_card_folder(folder, settings)
+            handler = _load_card_folder(folder, settings_for(claimed))
         except Exception as exc:
             task = claimed or task_hint
             if wanted is None or task in wanted:

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -86,26 +88,36 @@ def read_lines(fd: int, lines: "queue.SimpleQueue[Any]", limit: int = MAX_LINE_B
 
 @dataclass
 class Entry:
-    """One line of the current window, from arrival to reply."""
+    """One accepted line, from arrival to reply."""
     raw: Any
     started: float
     reply: dict[str, Any] | None = None
     job: Job | None = None
+    preparing: Future | None = None
     prepared: Any = None
     inferred: Any = None
     stop_after: bool = False
 
 
 class Server:
-    """Owns the registry, the reply stream and the loop."""
+    """Owns the registry, the reply stream and the loop.
+
+    The loop is a small pipeline: lines already waiting are parsed and validated in order and
+    their preprocessing (decode, rolling ball...) is handed to a thread pool; meanwhile the
+    oldest request is inferred together with the requests of the same task right behind it
+    (at most ``max_batch``), and replies leave strictly in request order. A lone request never
+    waits for company.
+    """
 
     def __init__(self, settings: Settings, default_task: str, out: BinaryIO, max_batch: int = 4,
-                 registry: Registry | None = None) -> None:
+                 workers: int = 2, registry: Registry | None = None) -> None:
         self.registry = registry or Registry()
         self.settings = settings
         self.default_task = default_task
         self.out = out
         self.max_batch = max(1, max_batch)
+        self.max_pending = 2 * self.max_batch + max(1, workers)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="preprocess")
         self.lines: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.started = time.time()
         self.answered = 0
@@ -142,43 +154,50 @@ class Server:
     def serve(self, in_fd: int = 0) -> int:
         threading.Thread(target=read_lines, args=(in_fd, self.lines), name="stdin-reader", daemon=True).start()
         self.emit(self.ready_line())
+        pending: deque[Entry] = deque()
+        finished = False
         while True:
-            window, finished = self._next_window()
-            if window:
-                self._process(window)
-            if finished or any(entry.stop_after for entry in window):
-                log.info("exiting after %d replies", self.answered)
-                return 0
+            # Admit what is already waiting (block only when there is nothing else to do).
+            while not finished and len(pending) < self.max_pending:
+                try:
+                    item = self.lines.get(block=not pending)
+                except queue.Empty:
+                    break
+                if item is _EOF or item is _STOP:
+                    finished = True
+                    break
+                entry = Entry(raw=item, started=time.perf_counter())
+                self._admit(entry)
+                pending.append(entry)
+                finished = entry.stop_after  # lines after a shutdown are not accepted
+            if not pending:
+                if finished:
+                    self.pool.shutdown(wait=True)
+                    log.info("exiting after %d replies", self.answered)
+                    return 0
+                continue
+            self._answer_head(pending)
 
-    def _next_window(self) -> tuple[list[Entry], bool]:
-        """Block for one line, then take up to ``max_batch`` more lines that are already waiting."""
-        window: list[Entry] = []
-        item = self.lines.get()
-        while True:
-            if item is _EOF or item is _STOP:
-                return window, True
-            window.append(Entry(raw=item, started=time.perf_counter()))
-            if len(window) >= self.max_batch:
-                return window, False
-            try:
-                item = self.lines.get(block=False)
-            except queue.Empty:
-                return window, False
-
-    # --- one window ---------------------------------------------------------------------
-    def _process(self, window: list[Entry]) -> None:
-        for index, entry in enumerate(window):
-            self._admit(entry)
-            if entry.stop_after:
-                del window[index + 1:]  # lines after a shutdown were not accepted
-                break
-        self._infer(window)
-        for entry in window:
-            if entry.reply is None:
-                self._finish(entry)
-            self.emit(entry.reply)
+    def _answer_head(self, pending: deque[Entry]) -> None:
+        """Reply to the oldest entry, inferring it with the same-task requests queued right behind it."""
+        head = pending[0]
+        if head.job is not None and head.reply is None:
+            batch = [head]
+            for entry in list(pending)[1:]:
+                if len(batch) >= self.max_batch or entry.job is None or entry.job.task != head.job.task:
+                    break
+                batch.append(entry)
+            for entry in batch:
+                self._collect(entry)
+            self._infer([entry for entry in batch if entry.reply is None])
+            for entry in batch:
+                if entry.reply is None:
+                    self._finish(entry)
+        while pending and pending[0].reply is not None:
+            self.emit(pending.popleft().reply)
             self.answered += 1
 
+    # --- one request --------------------------------------------------------------------
     def _fail(self, entry: Entry, error: ServiceError, task: str | None, request: dict | None) -> None:
         entry.reply = fail_reply(error.code, error.message, task=task,
                                  has_id=isinstance(request, dict) and "id" in request,
@@ -186,7 +205,7 @@ class Server:
                                  elapsed_ms=(time.perf_counter() - entry.started) * 1000)
 
     def _admit(self, entry: Entry) -> None:
-        """Parse, route, validate and preprocess one line; failures become its reply."""
+        """Parse, route and validate one line in arrival order; start its preprocessing in the pool."""
         request: dict | None = None
         task: str | None = self.default_task
         try:
@@ -203,11 +222,22 @@ class Server:
             handler = self.registry.handlers[task]
             entry.job = handler.validate(request)
             entry.job.started = entry.started
-            entry.prepared = handler.preprocess(entry.job)
+            entry.preparing = self.pool.submit(handler.preprocess, entry.job)
         except ServiceError as exc:
             self._fail(entry, exc, task, request)
         except Exception as exc:  # never let one request take the daemon down
             self._internal(entry, exc, task, request)
+
+    def _collect(self, entry: Entry) -> None:
+        """Wait for an entry's preprocessing; its failure becomes its reply."""
+        if entry.reply is not None or entry.prepared is not None:
+            return
+        try:
+            entry.prepared = entry.preparing.result()
+        except ServiceError as exc:
+            self._fail(entry, exc, entry.job.task, entry.job.request)
+        except Exception as exc:
+            self._internal(entry, exc, entry.job.task, entry.job.request)
 
     def _route(self, request: dict[str, Any]) -> str:
         task = request.get("task", self.default_task)
@@ -235,12 +265,11 @@ class Server:
             reply["models"] = self.registry.models()
         return reply
 
-    def _infer(self, window: list[Entry]) -> None:
-        """One ``infer`` call per task over the window's prepared requests."""
+    def _infer(self, entries: list[Entry]) -> None:
+        """One ``infer`` call per task over these prepared requests."""
         by_task: dict[str, list[Entry]] = {}
-        for entry in window:
-            if entry.reply is None and entry.job is not None:
-                by_task.setdefault(entry.job.task, []).append(entry)
+        for entry in entries:
+            by_task.setdefault(entry.job.task, []).append(entry)
         for task, entries in by_task.items():
             handler = self.registry.handlers[task]
             try:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, UNREADABLE_IMAGE, ServiceError
+from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
+from daemon.outputs import is_within
 from daemon.protocol import reject_unknown_fields
 from tasks import imaging
 
@@ -29,6 +30,7 @@ class Settings:
     """Daemon-wide options a handler needs."""
     device: torch.device
     output_root: Path | None = None
+    input_root: Path | None = None
     explain: str = "gradcam"
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     fold: int | None = None
@@ -95,6 +97,9 @@ class TaskHandler:
     def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
         """Read an input image through the one reader, with the daemon's size cap and error codes."""
         path = os.path.abspath(img_path)
+        root = self.settings.input_root
+        if root is not None and not is_within(Path(os.path.realpath(path)), root):
+            raise ServiceError(PATH_NOT_ALLOWED, f"img_path {img_path!r} is outside the input root {str(root)!r}")
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
