@@ -1,0 +1,54 @@
+"""Embedding: the Python client and the offline batch runner, both through the real daemon."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import panoramic_phantom
+from daemon.batch import main as batch_main
+from daemon.client import DaemonClient
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch-in")
+    (folder / "sub").mkdir()
+    for i, name in enumerate(("a.png", "sub/b.png")):
+        Image.fromarray(panoramic_phantom(seed=i)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return folder
+
+
+def test_client_requests_maps_times_out_and_restarts(tiny_weights, images, tmp_path):
+    request = {"img_path": str(images / "a.png"), "destination_path": str(tmp_path)}
+    with DaemonClient(tiny_weights, "--device", "cpu") as client:
+        assert client.ready["message"] == "Loaded pretrained weights"
+        reply = client.request(request)
+        assert reply["result"] == "ok" and reply["id"].startswith("client-")
+        replies = list(client.map([{**request, "id": i} for i in range(3)], in_flight=2))
+        assert [r["id"] for r in replies] == [0, 1, 2]
+        with pytest.raises(TimeoutError):
+            client.request(request, timeout=0.001)
+        assert client.health()["result"] == "ok"  # the late reply of the timed-out request is skipped
+        client._proc.kill()
+        client._proc.wait()
+        assert client.request(request)["result"] == "ok"  # started again
+
+
+def test_batch_over_a_folder_writes_a_summary(tiny_weights, images, tmp_path):
+    out = tmp_path / "results"
+    code = batch_main([str(tiny_weights), str(images), "--task", "osteo", "--out", str(out), "--no-progress",
+                       "--", "--device", "cpu"])
+    assert code == 1  # one input is broken
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    by_name = {row["img_path"].rsplit("/", 1)[-1]: row for row in rows}
+    assert by_name["broken.png"]["error_code"] == "unreadable_image"
+    ok = by_name["b.png"]
+    assert ok["result"] == "ok" and ok["prediction"] in ("Healthy Patient", "Patient with Osteoporosis")
+    paths = json.loads(ok["paths"])
+    assert paths["overlay_img_path"].startswith(str((out / "sub").resolve()))
