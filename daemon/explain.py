@@ -77,3 +77,18 @@ def seed_overlay(gray: np.ndarray, saliency: np.ndarray) -> np.ndarray:
     red = np.where(red < 0.3, 0.0, red) * 1.5
     base[..., 0] = np.clip(base[..., 0] + red, 0.0, 1.0)
     return (base * 255).round().astype(np.uint8)
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.6) -> np.ndarray:
+    """Grad-CAM over the image: the ``hot`` colour blended in with opacity ``strength * heat``, so
+    cold regions keep the image as it is (Grad-CAM maps are broad; the seed's additive red would
+    paint most of the picture). ``image`` is gray (H, W) or RGB (H, W, 3) uint8."""
+    from matplotlib import colormaps
+
+    base = image.astype(np.float32) / 255.0
+    if base.ndim == 2:
+        base = np.repeat(base[..., None], 3, axis=2)
+    heat = np.clip(heat, 0, 1).astype(np.float32)
+    colour = colormaps["hot"](heat)[..., :3].astype(np.float32)
+    alpha = (strength * heat)[..., None]
+    return ((base * (1 - alpha) + colour * alpha) * 255).round().astype(np.uint8)

@@ -96,6 +96,7 @@ class Entry:
     preparing: Future | None = None
     prepared: Any = None
     inferred: Any = None
+    control: dict[str, Any] | None = None  # an op line, answered when its turn comes
     stop_after: bool = False
 
 
@@ -193,8 +194,9 @@ class Server:
             for entry in batch:
                 if entry.reply is None:
                     self._finish(entry)
-        while pending and pending[0].reply is not None:
-            self.emit(pending.popleft().reply)
+        while pending and (pending[0].reply is not None or pending[0].control is not None):
+            entry = pending.popleft()
+            self.emit(entry.reply if entry.reply is not None else self._control(entry.control))
             self.answered += 1
 
     # --- one request --------------------------------------------------------------------
@@ -215,8 +217,9 @@ class Server:
             request = parse_line(entry.raw)
             if "op" in request:
                 task = None
-                entry.reply = self._control(request)
-                entry.stop_after = request.get("op") == "shutdown" and entry.reply["result"] == "ok"
+                self._check_control(request)
+                entry.control = request
+                entry.stop_after = request["op"] == "shutdown"
                 return
             task = self._route(request)
             handler = self.registry.handlers[task]
@@ -250,11 +253,16 @@ class Server:
             raise ServiceError(MODEL_UNAVAILABLE, f"task {task!r} is unavailable: {reason}")
         return task
 
-    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _check_control(request: dict[str, Any]) -> None:
         op = request["op"]
         if op not in OPS:
             raise ServiceError(INVALID_REQUEST, f"unknown op {str(op)[:64]!r}; ops: {', '.join(OPS)}")
         reject_unknown_fields(request, {"op", "id"})
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The reply to a checked op line, built when its turn comes (so health counts are current)."""
+        op = request["op"]
         reply: dict[str, Any] = {"result": "ok", "op": op}
         if "id" in request:
             reply["id"] = request["id"]

@@ -86,6 +86,7 @@ def write_card(folder: str | os.PathLike, card: dict[str, Any]) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(card, handle, indent=2)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the daemon may run as another user
     os.replace(tmp, folder / CARD_FILE)
     return folder / CARD_FILE
 

@@ -24,6 +24,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         tensors[key] = value
     tmp = f"{os.fspath(path)}.tmp"
     save_file(tensors, tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

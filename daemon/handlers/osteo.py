@@ -98,7 +98,10 @@ class OsteoHandler(TaskHandler):
         stem = output_stem(job.options["img_path"])
         stamp = timestamp()
         heat_path = write_png(folder, f"{stem}_saliency_{stamp}", explain.heat_rgba(inferred.heat))
-        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", explain.seed_overlay(prepared.shown, inferred.heat))
+        # The seed's additive red overlay suits its sparse saliency; Grad-CAM is blended instead.
+        overlay = (explain.seed_overlay(prepared.shown, inferred.heat) if prepared.method == "saliency"
+                   else explain.heat_overlay(prepared.shown, inferred.heat))
+        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
         return {
             "diagnosis": osteo.diagnosis_for(labels, label),
             "saliency_img_path": str(heat_path),
