@@ -1,0 +1,74 @@
+"""What a training run leaves beside its weights: per-fold CSV logs, curve plots, OOF predictions, card stamps.
+
+Only rank 0 calls these. Layout under OUT (nnU-Net style): ``logs/fold{k}.csv`` (one row per
+epoch), ``logs/fold{k}.png`` (loss and score curves), ``oof_predictions.csv`` (one row per item,
+predicted by the fold that did not train on it).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def version_string() -> str:
+    """A date-based model version, e.g. ``2025.11.25-2113`` (UTC)."""
+    return time.strftime("%Y.%m.%d-%H%M", time.gmtime())
+
+
+def command_line(module: str) -> str:
+    """The command that started this run, as a user would type it (``python -m train.osteo ...``)."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def scalar_items(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, non-nested entries of a metrics dict (what fits in a CSV column)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
+
+
+def write_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write dict rows as CSV, columns in first-seen order (a later row may add columns)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+    tmp.replace(path)
+    return path
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def plot_fold_curves(rows: Sequence[dict[str, Any]], score_key: str, path: str | Path, title: str) -> Path:
+    """Save train/val loss and the selection score per epoch (nnU-Net's ``progress.png``)."""
+    from train.metrics import _pyplot
+
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in rows]
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["train_loss"] for row in rows], "o-", label="train")
+    ax_loss.plot(epochs, [row["val_loss"] for row in rows], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    ax_loss.legend()
+    scores = [row.get(score_key, float("nan")) for row in rows]
+    ax_score.plot(epochs, [float("nan") if s is None else s for s in scores], "o-", color="tab:green")
+    ax_score.set(xlabel="epoch", ylabel=score_key, title=f"{title}: {score_key}", ylim=(-0.02, 1.02))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
