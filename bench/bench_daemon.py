@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from bench.bench_osteo import _vm, phantom  # noqa: E402
 from bench.results import write_section  # noqa: E402

@@ -48,7 +48,7 @@ def median_ms(fn, runs: int) -> float:
 
 
 def stage_latency(weights: Path, image: Path, runs: int) -> dict[str, float]:
-    from daemon.handlers.base import Job, Settings
+    from daemon.handlers.base import Settings
     from daemon.registry import load_registry
     from tasks import osteo
 

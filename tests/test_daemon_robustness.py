@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import string
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
-from daemon.outputs import is_within
-from daemon.protocol import reject_unknown_fields
+from daemon.outputs import is_within, prepare_destination
+from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
 
 MIN_IMAGE_SIDE = 32
@@ -61,13 +61,29 @@ class TaskHandler:
         self.settings = settings
         self.source = source
 
+    @staticmethod
+    def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+        """An untrained network from the card's ``architecture`` record (the task module's builder)."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_network(cls, network: torch.nn.Module) -> None:
+        """Hook run on each loaded network (e.g. freeze what Grad-CAM does not need)."""
+
     @classmethod
     def build_networks(cls, card: dict[str, Any], entries: list[dict[str, Any]],
                        state_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> list[Any]:
         """Build the networks of the chosen fold ``entries`` (card records, aligned with
-        ``state_dicts``) and load their weights strictly; what the list holds is the handler's
-        business (one network per fold for osteo)."""
-        raise NotImplementedError
+        ``state_dicts``) and load their weights strictly. By default one ``build_network`` per
+        fold; a task with several models per fold (scar) overrides this."""
+        networks = []
+        for state in state_dicts:
+            network = cls.build_network(card["architecture"])
+            network.load_state_dict(state, strict=True)
+            network.eval().to(device)
+            cls.prepare_network(network)
+            networks.append(network)
+        return networks
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -94,6 +110,15 @@ class TaskHandler:
         raise NotImplementedError
 
     # --- shared helpers -------------------------------------------------------------------
+    def image_job(self, request: dict[str, Any]) -> Job:
+        """Validate a request that reads ``img_path`` and writes into ``destination_path``; the
+        destination is checked against ``--output-root`` and created here, before any work."""
+        job = TaskHandler.validate(self, request)
+        job.options["img_path"] = require_string(request, "img_path")
+        job.options["destination_path"] = require_string(request, "destination_path")
+        job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
+        return job
+
     def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
         """Read an input image through the one reader, with the daemon's size cap and error codes."""
         path = os.path.abspath(img_path)

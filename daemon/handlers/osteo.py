@@ -16,8 +16,7 @@ import torch
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
-from daemon.protocol import require_string
+from daemon.outputs import output_stem, timestamp, write_png
 from tasks import osteo
 
 
@@ -40,16 +39,11 @@ class OsteoHandler(TaskHandler):
     fields = frozenset({"img_path", "destination_path", "explain"})
     leading_fields = ("diagnosis", "saliency_img_path", "overlay_img_path")
 
+    build_network = staticmethod(osteo.build_network)
+
     @classmethod
-    def build_networks(cls, card, entries, state_dicts, device):
-        networks = []
-        for state in state_dicts:
-            network = osteo.build_network(card["architecture"])
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            explain.freeze_for_cam(network, osteo.explain_target_layer(network))
-            networks.append(network)
-        return networks
+    def prepare_network(cls, network: torch.nn.Module) -> None:
+        explain.freeze_for_cam(network, osteo.explain_target_layer(network))
 
     def warm_up(self) -> None:
         height, width = self.card["input"]["size"]
@@ -59,14 +53,11 @@ class OsteoHandler(TaskHandler):
         explain.heat_rgba(inferred.heat), explain.seed_overlay(blank.shown, inferred.heat)
 
     def validate(self, request: dict[str, Any]) -> Job:
-        job = super().validate(request)
-        job.options["img_path"] = require_string(request, "img_path")
-        job.options["destination_path"] = require_string(request, "destination_path")
+        job = self.image_job(request)
         method = request.get("explain", self.settings.explain)
         if method not in explain.EXPLAIN_METHODS:
             raise ServiceError(INVALID_REQUEST, f"'explain' must be one of {', '.join(explain.EXPLAIN_METHODS)}")
         job.options["explain"] = method
-        job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
         return job
 
     def preprocess(self, job: Job) -> Prepared:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 DEFAULT_SIZE = (225, 477)  # (height, width): a sixth of a real ~1348x2863 panoramic
