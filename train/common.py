@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tasks.cards import sha256_file, write_card
 from tasks.weights import save_state_dict
-from train.distributed import DistributedContext
+from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
 from train.folds import load_or_write_splits, read_groups
 from train.metrics import json_safe
 from train.reporting import command_line, plot_fold_curves, scalar_items, version_string, write_rows
@@ -344,3 +344,17 @@ def _finish(task: TrainTask, args, context: DistributedContext, out: Path, summa
     tqdm.write(f"wrote {out / 'card.json'}: pooled {task.score_key} "
                f"{pooled.get(task.score_key)} in {elapsed:.0f} s", file=sys.stderr)
     return card
+
+
+def run_trainer(build_task: Callable[[], TrainTask], args: argparse.Namespace, module: str) -> int:
+    """A trainer's whole ``main``: join torchrun's process group if launched by it, run every
+    fold and write the card, then leave the group (cleanly, or without the barrier after a
+    failure, since the other ranks may never reach it)."""
+    context = setup_distributed()
+    try:
+        run_kfold(build_task(), args, context, module=module)
+    except BaseException:
+        shutdown_distributed(context, clean=False)
+        raise
+    shutdown_distributed(context)
+    return 0

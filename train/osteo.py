@@ -51,8 +51,7 @@ from torch.utils.data import Dataset
 
 from tasks import osteo
 from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, run_kfold
-from train.distributed import setup_distributed, shutdown_distributed
+from train.common import TrainTask, add_training_arguments, run_trainer
 from train.metrics import classification_plots, classification_records, records_metrics
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
@@ -202,14 +201,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    context = setup_distributed()
-    try:
-        run_kfold(build_task(args), args, context, module="train.osteo")
-    except BaseException:
-        shutdown_distributed(context, clean=False)
-        raise
-    shutdown_distributed(context)
-    return 0
+    return run_trainer(lambda: build_task(args), args, module="train.osteo")
 
 
 if __name__ == "__main__":
