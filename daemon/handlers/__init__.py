@@ -5,6 +5,8 @@ import importlib
 
 HANDLERS = {
     "osteo": "daemon.handlers.osteo:OsteoHandler",
+    "scar": "daemon.handlers.scar:ScarHandler",
+    "handbone": "daemon.handlers.handbone:HandboneHandler",
 }
 
 

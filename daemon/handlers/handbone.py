@@ -1,0 +1,163 @@
+"""Hand-bone handler: hand X-ray -> 29 bone masks at the input's size, colour overlay, RLE CSV, polygons JSON, areas.
+
+Request: ``img_path``, ``destination_path``, optional ``threshold`` (0..1, default 0.5) and
+``tta`` (bool: also average a horizontally flipped pass). Any size and aspect ratio is served:
+``tasks.handbone.preprocess`` fits the image into the card's model frame (letterbox or resize,
+as the card's input record says) and every output is mapped back through the same geometry.
+
+Reply fields (DESIGN.md): ``masks_path`` (one ``.npz`` with a boolean ``(H, W)`` array per
+class name), ``overlay_img_path`` (each bone in its own colour, outlined, with a legend),
+``rle_csv_path`` (``image_name,class,rle``, one row per class), ``polygons_json_path`` (the
+training JSON's ``{"annotations": [{"label", "points", ...}]}``), ``areas_px`` (pixels per class).
+"""
+from __future__ import annotations
+
+import colorsys
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from daemon.errors import INVALID_REQUEST, ServiceError
+from daemon.handlers.base import Job, TaskHandler
+from daemon.outputs import output_stem, timestamp, write_bytes, write_png
+from tasks import handbone
+
+
+@dataclass
+class Prepared:
+    tensor: torch.Tensor          # (3, S, S) normalised network input
+    geometry: handbone.Geometry   # how the input sits in the model frame
+    gray: np.ndarray              # the input as read, what the overlay is drawn on
+    threshold: float
+    tta: bool
+
+
+class HandboneHandler(TaskHandler):
+    task = "handbone"
+    fields = frozenset({"img_path", "destination_path", "threshold", "tta"})
+
+    build_network = staticmethod(handbone.build_network)
+
+    def warm_up(self) -> None:
+        size = int(self.card["input"]["size"][0])
+        blank = np.zeros((size, size), np.uint8)
+        tensor, geometry = handbone.preprocess(blank, self.card["input"])
+        self.infer([Prepared(tensor, geometry, blank, handbone.DEFAULT_THRESHOLD, False)])
+
+    def validate(self, request: dict[str, Any]) -> Job:
+        job = self.image_job(request)
+        threshold = request.get("threshold", handbone.DEFAULT_THRESHOLD)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
+        tta = request.get("tta", False)
+        if not isinstance(tta, bool):
+            raise ServiceError(INVALID_REQUEST, f"'tta' must be true or false (got {tta!r})")
+        job.options.update(threshold=float(threshold), tta=tta)
+        return job
+
+    def preprocess(self, job: Job) -> Prepared:
+        gray = self.read_input(job.options["img_path"], color="gray")
+        tensor, geometry = handbone.preprocess(gray, self.card["input"])
+        return Prepared(tensor, geometry, gray, job.options["threshold"], job.options["tta"])
+
+    def infer(self, batch: list[Prepared]) -> list[np.ndarray]:
+        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
+        probabilities = handbone.ensemble_probabilities(self.networks, inputs, [item.tta for item in batch])
+        return list(probabilities.cpu().numpy())
+
+    def postprocess(self, job: Job, prepared: Prepared, inferred: np.ndarray) -> dict[str, Any]:
+        classes = self.card["labels"]
+        masks = handbone.masks_at_input(inferred, prepared.geometry, prepared.threshold)
+        folder, stamp = job.options["folder"], timestamp()
+        stem = output_stem(job.options["img_path"])
+        image_name = Path(job.options["img_path"]).name
+        masks_path = write_bytes(folder, f"{stem}_masks_{stamp}", ".npz", masks_npz(masks, classes))
+        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", label_overlay(prepared.gray, masks, classes))
+        csv_path = write_bytes(folder, f"{stem}_rle_{stamp}", ".csv", rle_csv(image_name, masks, classes))
+        polygons = {"image_name": image_name, "height": int(masks.shape[1]), "width": int(masks.shape[2]),
+                    "annotations": handbone.polygon_annotations(masks, classes)}
+        polygons_path = write_bytes(folder, f"{stem}_polygons_{stamp}", ".json",
+                                    json.dumps(polygons, separators=(",", ":")).encode("utf-8"))
+        return {
+            "masks_path": str(masks_path),
+            "overlay_img_path": str(overlay_path),
+            "rle_csv_path": str(csv_path),
+            "polygons_json_path": str(polygons_path),
+            "areas_px": {name: int(np.count_nonzero(mask)) for name, mask in zip(classes, masks)},
+            "image_size": [int(masks.shape[1]), int(masks.shape[2])],
+            "threshold": prepared.threshold,
+            "tta": prepared.tta,
+        }
+
+
+def masks_npz(masks: np.ndarray, classes: list[str]) -> bytes:
+    """A compressed ``.npz`` holding one boolean ``(H, W)`` array per class name."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{name: mask for name, mask in zip(classes, masks)})
+    return buffer.getvalue()
+
+
+def rle_csv(image_name: str, masks: np.ndarray, classes: list[str]) -> bytes:
+    """The seed's submission CSV of one image: header ``image_name,class,rle``, one row per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_name", "class", "rle"])
+    writer.writerows(handbone.rle_rows(image_name, masks, classes))
+    return buffer.getvalue().encode("utf-8")
+
+
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """``count`` well-separated RGB colours (golden-ratio hue steps, alternating lightness)."""
+    colours = []
+    for k in range(count):
+        r, g, b = colorsys.hls_to_rgb((k * 0.618034) % 1.0, 0.5 if k % 2 else 0.62, 0.95)
+        colours.append((int(r * 255), int(g * 255), int(b * 255)))
+    return colours
+
+
+def label_overlay(gray: np.ndarray, masks: np.ndarray, classes: list[str], alpha: float = 0.45) -> np.ndarray:
+    """RGB image at the input's size: every bone tinted and outlined in its colour, a legend at the top right."""
+    image = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    height, width = gray.shape
+    colours = palette(len(classes))
+    line = max(1, round(min(height, width) / 400))
+    outlines = []
+    for mask, colour in zip(masks, colours):
+        if not mask.any():
+            continue
+        x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+        window, inside = image[y:y + h, x:x + w], mask[y:y + h, x:x + w]
+        window[inside] = window[inside] * (1 - alpha) + np.array(colour, np.float32) * alpha
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outlines.append((contours, colour))
+    overlay = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    for contours, colour in outlines:
+        cv2.drawContours(overlay, contours, -1, colour, line, lineType=cv2.LINE_AA)
+    draw_legend(overlay, classes, colours)
+    return overlay
+
+
+def draw_legend(image: np.ndarray, classes: list[str], colours: list[tuple[int, int, int]]) -> None:
+    """Draw a swatch + name per class in a dark box at the top right, scaled to the image's height."""
+    height, width = image.shape[:2]
+    row = max(4, min(36, height // (len(classes) + 2)))
+    scale = row / 32
+    thickness = max(1, round(row / 18))
+    text_width = max(cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] for name in classes)
+    box_w = min(width, row + text_width + row // 2 + 6)
+    box_h = min(height, row * len(classes) + row // 2)
+    x0 = width - box_w
+    region = image[:box_h, x0:]
+    region[:] = (region.astype(np.float32) * 0.35).astype(np.uint8)
+    for k, (name, colour) in enumerate(zip(classes, colours)):
+        top = row // 4 + k * row
+        cv2.rectangle(image, (x0 + 3, top + 1), (x0 + 3 + row - 3, top + row - 2), colour, -1)
+        cv2.putText(image, name, (x0 + row + 4, top + row - max(1, row // 5)), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 255), thickness, cv2.LINE_AA)

@@ -1,0 +1,291 @@
+"""Hand-bone segmentation (seed 003): the 29 classes, polygon/RLE/mask conversions, the one preprocessing, the smp network.
+
+Everything the trainer and the daemon must agree on lives here, so that a model is fed the
+same way when it learns, when it is validated and when it serves:
+
+- ``CLASSES``: the seed's 29 labels in the seed's order (channel k of a model is CLASSES[k]).
+- Masks are multilabel ``(29, H, W)`` booleans: bones overlap (the pisiform lies on the
+  triquetrum), so every class has its own channel and a sigmoid, never a softmax.
+- ``fit_to_model`` brings an image of any size and aspect ratio to the card's square model size
+  (``resize``: stretch, or ``letterbox``: keep the aspect ratio and pad) and returns the
+  ``Geometry`` that ``masks_at_input`` uses to map every output back to the input's own size.
+- ``to_tensor`` is the normalisation (gray -> 3 channels, mean/std from the card). The seed
+  normalised in training but not at inference; here there is only this one function.
+- RLE as the competition: 1-based ``start length`` pairs over the row-major flattened mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+TASK = "handbone"
+CLASSES = [
+    "finger-1", "finger-2", "finger-3", "finger-4", "finger-5", "finger-6", "finger-7", "finger-8",
+    "finger-9", "finger-10", "finger-11", "finger-12", "finger-13", "finger-14", "finger-15",
+    "finger-16", "finger-17", "finger-18", "finger-19", "Trapezium", "Trapezoid", "Capitate",
+    "Hamate", "Scaphoid", "Lunate", "Triquetrum", "Pisiform", "Radius", "Ulna",
+]
+# smp's names for the architectures the seed used; the key is what --arch accepts.
+ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "fpn": "FPN",
+                 "deeplabv3plus": "DeepLabV3Plus", "manet": "MAnet", "pan": "PAN"}
+FITS = ("letterbox", "resize")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------- card records
+
+def default_input_spec(size: int = 1024, fit: str = "letterbox") -> dict[str, Any]:
+    """The card's ``input`` record: square model size, how inputs are fitted to it, normalisation."""
+    if fit not in FITS:
+        raise ValueError(f"input fit must be one of {', '.join(FITS)}, not {fit!r}")
+    return {"size": [int(size), int(size)], "fit": fit, "channels": 3, "color": "gray->rgb",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "pad_value": 0}
+
+
+def default_architecture(arch: str = "unet", encoder: str = "resnet34", classes: int = len(CLASSES),
+                         **options: Any) -> dict[str, Any]:
+    """The card's ``architecture`` record: an smp architecture, its encoder and extra smp arguments.
+
+    ``options`` go to ``smp.create_model`` as they are (e.g. ``encoder_depth``,
+    ``decoder_channels`` for Unet). Encoder weights are never part of it: they come from the
+    fold files.
+    """
+    key = arch.lower().replace("-", "").replace("_", "")
+    if key not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    return {"name": "smp", "arch": ARCHITECTURES[key], "encoder": encoder, "in_channels": 3,
+            "classes": int(classes), "options": {k: v for k, v in options.items() if v is not None}}
+
+
+def build_network(architecture: dict[str, Any], encoder_weights: str | None = None) -> torch.nn.Module:
+    """An smp network as the card describes it (weights are loaded by the caller).
+
+    ``encoder_weights="imagenet"`` is for training only; it downloads and fails offline, with a
+    message that says what to do.
+    """
+    import segmentation_models_pytorch as smp
+
+    if architecture.get("name") != "smp":
+        raise ValueError(f"handbone expects an smp architecture, got {architecture.get('name')!r}")
+    options = dict(architecture.get("options") or {})
+    if "decoder_channels" in options:
+        options["decoder_channels"] = tuple(options["decoder_channels"])
+    try:
+        return smp.create_model(architecture["arch"], encoder_name=architecture["encoder"],
+                                encoder_weights=encoder_weights, in_channels=int(architecture["in_channels"]),
+                                classes=int(architecture["classes"]), **options)
+    except Exception as exc:  # download failures come as OSError, URLError, hub errors...
+        if encoder_weights is None:
+            raise
+        raise RuntimeError(f"cannot load {encoder_weights} weights for encoder {architecture['encoder']!r} "
+                           f"({type(exc).__name__}: {exc}); they are downloaded on first use, so this "
+                           "needs internet access or a filled torch/timm cache. Train from scratch with "
+                           "--encoder-weights none") from exc
+
+
+def size_multiple(architecture: dict[str, Any]) -> int:
+    """The input side must be a multiple of this (the encoder's total stride)."""
+    return 2 ** int((architecture.get("options") or {}).get("encoder_depth", 5))
+
+
+def check_model_size(size: int, architecture: dict[str, Any]) -> None:
+    """Fail early, saying which sizes would work (smp only fails deep inside the forward)."""
+    multiple = size_multiple(architecture)
+    if size % multiple:
+        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+        raise ValueError(f"model size {size} is not a multiple of {multiple} (the encoder's stride); "
+                         f"use {lower or upper} or {upper}")
+
+
+# ---------------------------------------------------------------- annotations, masks, RLE, polygons
+
+def annotation_masks(annotations: Iterable[dict[str, Any]], height: int, width: int,
+                     classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Fill the polygons of a training JSON's ``annotations`` into a ``(len(classes), H, W)`` bool mask.
+
+    A class may have several polygons (all are filled); labels outside ``classes`` are an error,
+    so a typo in the data is loud rather than a silently empty channel.
+    """
+    index = {name: k for k, name in enumerate(classes)}
+    masks = np.zeros((len(classes), height, width), dtype=np.uint8)
+    for annotation in annotations:
+        label = annotation.get("label")
+        if label not in index:
+            raise ValueError(f"unknown hand-bone label {label!r}; expected one of the 29 seed classes")
+        points = np.rint(np.asarray(annotation["points"], dtype=np.float64)).astype(np.int32).reshape(-1, 2)
+        if len(points):
+            cv2.fillPoly(masks[index[label]], [points], 1)
+    return masks.astype(bool)
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Competition RLE of a 2-D mask: ``start length`` pairs, 1-based starts, row-major order."""
+    pixels = np.concatenate([[0], np.asarray(mask, dtype=bool).ravel().view(np.uint8), [0]])
+    runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(map(str, runs))
+
+
+def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
+    """The ``(H, W)`` bool mask of a competition RLE string (empty string: empty mask)."""
+    numbers = np.asarray(rle.split(), dtype=np.int64)
+    if len(numbers) % 2:
+        raise ValueError("an RLE string holds start/length pairs; this one has an odd count")
+    starts, lengths = numbers[0::2] - 1, numbers[1::2]
+    if len(starts) and (starts.min() < 0 or (starts + lengths).max() > height * width):
+        raise ValueError(f"RLE runs fall outside a {height}x{width} mask")
+    edges = np.zeros(height * width + 1, dtype=np.int32)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + lengths, -1)
+    return (np.cumsum(edges[:-1]) > 0).reshape(height, width)
+
+
+def rle_rows(image_name: str, masks: np.ndarray, classes: Sequence[str] = CLASSES) -> list[tuple[str, str, str]]:
+    """The seed's CSV rows ``(image_name, class, rle)`` of one image: one per class, in class order."""
+    return [(image_name, name, rle_encode(mask)) for name, mask in zip(classes, masks)]
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[list[int]]]:
+    """Outer contours of a 2-D mask as ``[[x, y], ...]`` polygons (pixel centres; 3 points or more).
+
+    Filling them back with ``cv2.fillPoly`` gives the mask again (bones have no holes; specks
+    smaller than a triangle are dropped).
+    """
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [contour.reshape(-1, 2).tolist() for contour in contours if len(contour) >= 3]
+
+
+def polygon_annotations(masks: np.ndarray, classes: Sequence[str] = CLASSES) -> list[dict[str, Any]]:
+    """Masks -> the training JSON's ``annotations`` list (one entry per connected piece of a bone)."""
+    annotations = []
+    for name, mask in zip(classes, masks):
+        for points in mask_polygons(mask):
+            annotations.append({"id": f"{name}-{len(annotations)}", "type": "poly_seg", "attributes": {},
+                                "points": points, "label": name})
+    return annotations
+
+
+# ---------------------------------------------------------------- the one preprocessing
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an input of ``height`` x ``width`` sits in the square model frame of side ``size``.
+
+    The image occupies rows ``top:top+inner_height`` and columns ``left:left+inner_width``; the
+    rest is padding (letterbox) or nothing (resize: the inner box is the whole frame).
+    """
+    height: int
+    width: int
+    size: int
+    top: int
+    left: int
+    inner_height: int
+    inner_width: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("height", "width", "size", "top", "left", "inner_height", "inner_width")}
+
+
+def model_geometry(height: int, width: int, input_spec: dict[str, Any]) -> Geometry:
+    """The mapping of an input of ``height`` x ``width`` into the card's model frame."""
+    size = int(input_spec["size"][0])
+    if input_spec.get("fit", "letterbox") == "resize":
+        return Geometry(height, width, size, 0, 0, size, size)
+    scale = size / max(height, width)
+    inner_h, inner_w = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+    return Geometry(height, width, size, (size - inner_h) // 2, (size - inner_w) // 2, inner_h, inner_w)
+
+
+def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrinking = width * height < array.shape[1] * array.shape[0]
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def fit_to_model(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
+    """8-bit gray image of any size -> (uint8 image at model size, its Geometry)."""
+    if gray.dtype != np.uint8 or gray.ndim != 2:
+        raise ValueError("handbone preprocessing expects an 8-bit grayscale image")
+    geometry = model_geometry(*gray.shape, input_spec)
+    frame = np.full((geometry.size, geometry.size), int(input_spec.get("pad_value", 0)), dtype=np.uint8)
+    frame[geometry.top:geometry.top + geometry.inner_height, geometry.left:geometry.left + geometry.inner_width] = \
+        _resize(gray, geometry.inner_width, geometry.inner_height)
+    return frame, geometry
+
+
+def fit_masks_to_model(masks: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``(C, H, W)`` bool masks -> ``(C, S, S)`` bool masks in the model frame (area-weighted, >= 0.5)."""
+    frame = np.zeros((masks.shape[0], geometry.size, geometry.size), dtype=bool)
+    for k, mask in enumerate(masks):
+        inner = _resize(mask.astype(np.float32), geometry.inner_width, geometry.inner_height)
+        frame[k, geometry.top:geometry.top + geometry.inner_height,
+              geometry.left:geometry.left + geometry.inner_width] = inner >= 0.5
+    return frame
+
+
+def to_tensor(gray_model: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
+    """uint8 (S, S) at model size -> normalised float tensor (3, S, S): the only normalisation there is."""
+    x = torch.from_numpy(np.ascontiguousarray(gray_model, dtype=np.float32) / 255.0)
+    x = x.unsqueeze(0).expand(int(input_spec.get("channels", 3)), -1, -1)
+    channels = x.shape[0]
+    mean = torch.tensor(input_spec["mean"][:channels], dtype=torch.float32).view(channels, 1, 1)
+    std = torch.tensor(input_spec["std"][:channels], dtype=torch.float32).view(channels, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, Geometry]:
+    """8-bit gray image -> (network input (3, S, S), Geometry back to the input)."""
+    frame, geometry = fit_to_model(gray, input_spec)
+    return to_tensor(frame, input_spec), geometry
+
+
+def probabilities_at_input(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``(C, S, S)`` model-frame probabilities -> ``(C, H, W)`` float32 at the input's size (bilinear)."""
+    inner = probabilities[:, geometry.top:geometry.top + geometry.inner_height,
+                          geometry.left:geometry.left + geometry.inner_width]
+    out = np.empty((probabilities.shape[0], geometry.height, geometry.width), dtype=np.float32)
+    for k, channel in enumerate(inner):
+        out[k] = cv2.resize(np.ascontiguousarray(channel, dtype=np.float32), (geometry.width, geometry.height),
+                            interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def masks_at_input(probabilities: np.ndarray, geometry: Geometry, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """``(C, S, S)`` probabilities -> ``(C, H, W)`` bool masks at the input's size, one class at a time
+    (a 2048x2048 input never holds all 29 float maps at once)."""
+    masks = np.empty((probabilities.shape[0], geometry.height, geometry.width), dtype=bool)
+    for k in range(probabilities.shape[0]):
+        masks[k] = probabilities_at_input(probabilities[k:k + 1], geometry)[0] > threshold
+    return masks
+
+
+@torch.inference_mode()
+def ensemble_probabilities(networks: Sequence[torch.nn.Module], inputs: torch.Tensor,
+                           flip: bool | Sequence[bool] = False) -> torch.Tensor:
+    """Mean sigmoid probability ``(B, C, S, S)`` over ``networks``, and over a horizontal flip for the
+    batch rows where ``flip`` is true (test-time augmentation; the flipped output is flipped back)."""
+    rows = [bool(flip)] * len(inputs) if isinstance(flip, bool) else [bool(f) for f in flip]
+    total = None
+    for network in networks:
+        probabilities = torch.sigmoid(network(inputs).float())
+        if any(rows):
+            chosen = torch.tensor(rows, device=inputs.device)
+            flipped = torch.sigmoid(network(inputs[chosen].flip(-1)).float()).flip(-1)
+            probabilities[chosen] = (probabilities[chosen] + flipped) / 2
+        total = probabilities if total is None else total + probabilities
+    return total / len(networks)
+
+
+def dice_per_class(predicted: np.ndarray, truth: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Dice of each class of ``(C, H, W)`` bool masks, as the seed: (2|A&B| + eps) / (|A| + |B| + eps),
+    so a class absent from both counts as 1."""
+    predicted, truth = predicted.reshape(len(predicted), -1), truth.reshape(len(truth), -1)
+    inter = np.count_nonzero(predicted & truth, axis=1).astype(np.float64)
+    total = np.count_nonzero(predicted, axis=1) + np.count_nonzero(truth, axis=1)
+    return (2 * inter + eps) / (total + eps)
+

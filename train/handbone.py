@@ -1,0 +1,204 @@
+"""Train the 29-class hand-bone segmentation (smp) with patient-grouped k-fold into a card; ``infer`` writes the seed's CSV.
+
+    python -m train.handbone DATA --out weights/handbone --arch unet --encoder resnet34 --size 1024 --folds 5 \\
+        [--encoder-weights imagenet] [--loss 1 1 1] [--elastic] [--epochs 40] [--batch-size 8] [--lr 1e-4] [--amp]
+    torchrun --nproc_per_node=N -m train.handbone DATA --out weights/handbone ...          # DDP
+    python -m train.handbone infer TEST_DIR --weights weights/handbone [more cards ...] --out submission.csv [--tta]
+
+DATA is the seed's layout: ``DCM/IDxxx/*.png`` and ``outputs_json/IDxxx/*.json`` (polygons with
+the 29 labels). Folds are grouped by the patient folder ``IDxxx`` (a patient's two hands are
+never split), written to ``OUT/splits.json`` and reused by ``--resume``. Architectures: unet,
+unetplusplus, fpn, deeplabv3plus, manet, pan; encoders: any smp encoder or timm one with the
+``tu-`` prefix (``tu-hrnet_w18``, ``tu-hrnet_w48``, ...). ``--encoder-weights imagenet`` downloads
+pretrained encoder weights (needs internet on first use); the default trains from scratch.
+
+Preprocessing is ``tasks.handbone`` (fit to the square model size by letterbox or resize, gray
+to 3 channels, ImageNet mean/std), the same code the daemon serves with. Augmentations are in
+``train/handbone_data.py`` (flip, small rotation/scale, brightness/contrast, optional elastic).
+Loss: weighted BCE + Dice + IoU (``--loss`` weights as the seed). Optimiser AdamW (the seed's
+AdamP is not a dependency) with weight decay 1e-6, cosine learning rate. The best epoch of each
+fold by validation Dice, computed at each image's own resolution (``train/handbone_metrics.py``),
+is kept. Plots: ``logs/fold{k}.png`` (curves) and ``dice_per_class.png``; the card holds the
+per-class and mean Dice per fold and pooled out of fold.
+
+Differences from the seed, on purpose: one normalisation for training, validation and serving
+(the seed's inference skipped it); validation Dice at full resolution (the seed compared at
+model size in its k-fold script); all folds ensembled by mean probability (the seed's k-fold
+inference used 3 of 5 folds and a unanimous vote); image names may contain ``_``.
+Left out: the seed's optuna search (``--tune``); validation runs after every epoch.
+
+Demo weights (synthetic phantoms, for weights/handbone/; the card records the time and Dice):
+
+    python -m train.synthetic handbone /tmp/handbone_phantoms --n 32 --size 256 256 --seed 1
+    python -m train.handbone /tmp/handbone_phantoms --out weights/handbone --arch unet \\
+        --encoder tu-resnet10t --encoder-depth 4 --decoder-channels 48 32 24 16 --size 256 \\
+        --folds 2 --epochs 40 --batch-size 4 --lr 3e-3 --seed 0 --half --demo
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks import handbone
+from train.cache import PreprocessCache
+from train.common import TrainTask, add_training_arguments, run_trainer
+from train.handbone_data import HandboneSamples, find_cases, model_sample
+from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
+
+AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
+                "and contrast 0.8-1.2 p=0.5; elastic p=0.3 when --elastic")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.handbone",
+        description="Train the hand-bone segmentation (29 classes, smp) with patient-grouped k-fold and write "
+                    "fold weights plus card.json. Inference: python -m train.handbone infer --help. "
+                    "Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.handbone ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data", type=Path, help="folder with DCM/IDxxx/*.png and outputs_json/IDxxx/*.json")
+    parser.add_argument("--arch", default="unet", choices=sorted(handbone.ARCHITECTURES),
+                        help="smp architecture")
+    parser.add_argument("--encoder", default="resnet34",
+                        help="smp encoder name, or a timm one with the tu- prefix (tu-hrnet_w18, tu-resnet10t ...)")
+    parser.add_argument("--encoder-weights", default="none",
+                        help="'none' (train from scratch) or 'imagenet' (downloaded on first use: needs internet)")
+    parser.add_argument("--encoder-depth", type=int, default=None,
+                        help="encoder stages used (3-5; smp default 5); the size must be a multiple of 2**depth")
+    parser.add_argument("--decoder-channels", type=int, nargs="+", default=None,
+                        help="decoder channels, one per encoder stage (Unet, UnetPlusPlus, MAnet)")
+    parser.add_argument("--size", type=int, default=1024, help="square model input side (the seed: 512 or 1024)")
+    parser.add_argument("--fit", default="letterbox", choices=handbone.FITS,
+                        help="how an image is brought to the model size: keep its aspect ratio and pad "
+                             "(letterbox) or stretch (resize); square images are the same either way")
+    parser.add_argument("--loss", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("BCE", "DICE", "IOU"),
+                        help="weights of BCE, Dice and IoU loss (the seed's --loss)")
+    parser.add_argument("--elastic", action="store_true", help="add elastic deformation to the augmentations")
+    parser.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay (the seed: 1e-6)")
+    parser.add_argument("--scheduler", default="cosine", choices=("cosine", "plateau", "none"),
+                        help="learning-rate schedule: cosine to 0 over --epochs, x0.1 on a validation-loss "
+                             "plateau (patience 5), or constant (the seed)")
+    parser.add_argument("--cache", default="memory", choices=("memory", "none"),
+                        help="keep images and masks at model size in memory after first use (fast; needs "
+                             "about 30 x size^2 bytes per image) or read them again every epoch")
+    add_training_arguments(parser, epochs=40, batch_size=8, lr=1e-4, folds=5)
+    args = parser.parse_args(argv)
+    if args.encoder_weights.lower() in ("none", "null", ""):
+        args.encoder_weights = None
+    return args
+
+
+def architecture_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The card's architecture record from the command line; checks the size against the encoder stride."""
+    options = {"encoder_depth": args.encoder_depth, "decoder_channels": args.decoder_channels}
+    architecture = handbone.default_architecture(args.arch, args.encoder, **options)
+    try:
+        handbone.check_model_size(args.size, architecture)
+        handbone.build_network(architecture)  # fail now, not after reading data, on a bad encoder or option
+    except Exception as exc:
+        raise SystemExit(f"cannot build {architecture['arch']} with encoder {args.encoder!r}: {exc}") from exc
+    return architecture
+
+
+def network_builder(architecture: dict[str, Any], encoder_weights: str | None, prior: float = 0.05):
+    """``build_model`` for the TrainTask: random init, or pretrained encoder weights (clear failure offline).
+
+    The output bias starts at the logit of ``prior`` (a bone covers a few percent of an image):
+    from a bias of 0 every pixel starts at probability 0.5 and the first epochs are spent
+    learning that most pixels are background.
+    """
+    def build() -> torch.nn.Module:
+        try:
+            network = handbone.build_network(architecture, encoder_weights=encoder_weights)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from exc
+        head = getattr(network, "segmentation_head", None)
+        if head is not None and getattr(head[0], "bias", None) is not None:
+            torch.nn.init.constant_(head[0].bias, math.log(prior / (1 - prior)))
+        return network
+    return build
+
+
+def data_source(data: Path) -> str:
+    note = data / "synthetic.json"
+    if note.is_file():
+        try:
+            return json.loads(note.read_text(encoding="utf-8")).get("description", "synthetic phantoms")
+        except (OSError, json.JSONDecodeError):
+            return "synthetic phantoms"
+    return f"DCM/ + outputs_json/ under {data}"
+
+
+def build_task(args: argparse.Namespace) -> TrainTask:
+    """The handbone ``TrainTask``: seed-layout data, model-frame samples, smp network, BCE+Dice+IoU, Dice selection."""
+    architecture = architecture_from(args)
+    cases = find_cases(args.data)
+    classes = list(handbone.CLASSES)
+    input_spec = handbone.default_input_spec(args.size, args.fit)
+    compute = functools.partial(model_sample, input_spec=input_spec, classes=classes)
+    if args.cache == "memory":
+        cache = PreprocessCache(lambda path: compute(by_path[str(path)]), {"input": input_spec})
+        by_path = {str(case.image): case for case in cases}
+        sample = lambda index: cache.get(cases[index].image)
+    else:
+        sample = lambda index: compute(cases[index])
+    epochs = args.epochs
+    schedulers = {
+        "cosine": lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs)),
+        "plateau": lambda optimizer: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=5),
+        "none": lambda optimizer: None,
+    }
+    patients = sorted({case.patient for case in cases})
+    name = f"handbone-{architecture['arch'].lower()}-{args.encoder}-{args.size}{'-demo' if args.demo else ''}"
+    return TrainTask(
+        name=handbone.TASK,
+        items=[case.item for case in cases],
+        strata=[0] * len(cases),
+        groups=[case.patient for case in cases],
+        dataset=lambda indices, train: HandboneSamples(sample, indices, input_spec, train, elastic=args.elastic),
+        build_model=network_builder(architecture, args.encoder_weights),
+        loss=SegmentationLoss(args.loss),
+        records=DiceRecords(cases, input_spec, classes),
+        metrics=functools.partial(dice_metrics, classes=classes),
+        score_key="dice",
+        report=functools.partial(plot_dice_per_class, classes=classes),
+        make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay),
+        make_scheduler=schedulers[args.scheduler],
+        card={
+            "task": handbone.TASK,
+            "name": name,
+            "architecture": architecture,
+            "input": input_spec,
+            "labels": classes,
+            "output": {"activation": "sigmoid", "multilabel": True, "threshold": handbone.DEFAULT_THRESHOLD},
+            "data": {"root": str(args.data), "n_images": len(cases), "n_patients": len(patients),
+                     "source": data_source(Path(args.data))},
+            "training": {"optimizer": f"AdamW(weight_decay={args.weight_decay:g})", "scheduler": args.scheduler,
+                         "loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
+                         "selection": "best validation Dice at original resolution (mean over images, then classes)",
+                         "folds": "GroupKFold by patient folder (StratifiedGroupKFold, one stratum)",
+                         "augmentation": AUGMENTATION,
+                         "initialisation": args.encoder_weights or "random (no pretrained encoder)"},
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "infer":
+        from train.handbone_infer import main as infer_main
+
+        return infer_main(argv[1:])
+    args = parse_args(argv)
+    return run_trainer(lambda: build_task(args), args, module="train.handbone")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
