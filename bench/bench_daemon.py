@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -122,7 +123,8 @@ def main() -> None:
     proc.wait()
 
     loop = "opencv-rolling-ball (as the seed)" if args.reference else "our rolling ball"
-    body = f"""`python bench/bench_daemon.py --n {args.n}{' --reference' if args.reference else ''} --leak-requests {args.leak_requests}`, CPU, {args.size[0]}x{args.size[1]} phantoms, osteo fold 0, saliency.
+    body = f"""Load average at the end: {os.getloadavg()[0]:.1f}.
+`python bench/bench_daemon.py --n {args.n}{' --reference' if args.reference else ''} --leak-requests {args.leak_requests}`, CPU, {args.size[0]}x{args.size[1]} phantoms, osteo fold 0, saliency.
 
 | run | {args.n} requests | per request |
 |---|---|---|

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,8 +73,12 @@ def stage_latency(weights: Path, image: Path, runs: int) -> dict[str, float]:
     inferred = handler.infer([prepared])[0]
     results["write PNGs"] = median_ms(lambda: handler.postprocess(job, prepared, inferred), runs)
     job.options["explain"] = "gradcam"
-    results["whole request (gradcam)"] = median_ms(
-        lambda: handler.postprocess(job, handler.preprocess(job), handler.infer([handler.preprocess(job)])[0]), runs)
+
+    def whole_request() -> None:
+        ready = handler.preprocess(job)
+        handler.postprocess(job, ready, handler.infer([ready])[0])
+
+    results["whole request (gradcam)"] = median_ms(whole_request, runs)
     return results
 
 
@@ -115,7 +120,8 @@ def main() -> None:
     startup = daemon_startup(args.weights, image, args.requests)
     rows = "\n".join(f"| {name} | {ms:,.0f} |" for name, ms in stages.items())
     body = f"""`python bench/bench_osteo.py --weights {args.weights} --runs {args.runs}` on a {'given image' if args.image else '1348x2863 phantom'};
-median of {args.runs} runs, in-process through the real handler, CPU, torch threads {torch.get_num_threads()}.
+median of {args.runs} runs, in-process through the real handler, CPU, torch threads {torch.get_num_threads()},
+load average at the end {os.getloadavg()[0]:.1f} (other work on the machine inflates every number).
 
 | stage | ms |
 |---|---|
