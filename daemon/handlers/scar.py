@@ -1,0 +1,189 @@
+"""Scar handler: a neck photo and/or the clinical features -> severity 0-3, with Grad-CAM and overlay PNGs.
+
+Which model answers follows from the request: photo and clinical -> ``combined``, photo only ->
+``image``, clinical only -> ``clinical`` (the reply's ``mode``). Probabilities are the mean over
+the card's folds of that model; each clinical/combined fold standardises the features with its
+own training fold's scaler. With a photo, the Grad-CAM of the image branch (in combined mode:
+of the combined decision, through the image branch) is written at the photo's own size as a heat
+map (``cam``) and an overlay on the photo. ``destination_path`` is required with a photo and
+ignored without one: a clinical-only request writes no files (and creates no folder).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from daemon import explain
+from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
+from daemon.handlers.base import Job, TaskHandler
+from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
+from daemon.protocol import require_string
+from tasks import scar
+from tasks.cards import CardError
+from tasks.nets.late_fusion import ClinicalHeld
+
+OVERLAY_ALPHA = 0.55  # heat map opacity where the CAM is 1; unexplained skin stays as photographed
+
+
+@dataclass
+class FoldModel:
+    model: str                       # image, clinical or combined
+    fold: int
+    network: torch.nn.Module
+    scaler: dict[str, list[float]] | None
+
+
+@dataclass
+class Prepared:
+    mode: str
+    image: torch.Tensor | None       # (3, h, w) network input
+    photo: np.ndarray | None         # (H, W, 3) the photo as read (EXIF-oriented), what overlays are drawn on
+    clinical: np.ndarray | None      # (F,) raw feature values in card order
+
+
+@dataclass
+class Inferred:
+    probabilities: np.ndarray        # (4,)
+    severity: int
+    cam: np.ndarray | None           # (h, w) in [0, 1] at network input size
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(name: str) -> np.ndarray:
+    """A matplotlib colormap as a 256-entry RGBA uint8 table: identical colours, no float image of the photo's size."""
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.arange(256)) * 255).round().astype(np.uint8)
+
+
+def _lut_index(cam: np.ndarray) -> np.ndarray:
+    # What a 256-colour matplotlib colormap does with floats in [0, 1]: floor(x * 256), 1.0 -> 255.
+    return np.minimum((np.clip(cam, 0, 1) * 256).astype(np.int32), 255)
+
+
+def photo_overlay(photo: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The photo with the jet-coloured CAM blended in, opacity growing with the CAM."""
+    colours = _lut("jet")[_lut_index(cam), :3].astype(np.float32)
+    alpha = (OVERLAY_ALPHA * np.clip(cam, 0, 1))[..., None].astype(np.float32)
+    return np.clip(photo.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+class ScarHandler(TaskHandler):
+    task = "scar"
+    fields = frozenset({"img_path", "clinical", "destination_path"})
+
+    @classmethod
+    def build_networks(cls, card, entries, state_dicts, device):
+        names = card.get("input", {}).get("clinical_features") or []
+        fold_models = []
+        for entry, state in zip(entries, state_dicts):
+            model = entry.get("model")
+            if model not in scar.MODES:
+                raise CardError(f"scar fold entry {entry['file']} needs 'model': one of {', '.join(scar.MODES)}")
+            network = scar.build_network(model, card["architecture"][model])
+            network.load_state_dict(state, strict=True)
+            network.eval().to(device)
+            scaler = entry.get("scaler")
+            if model != "clinical":
+                explain.freeze_for_cam(network, scar.explain_target_layer(network))
+            if model != "image" and (scaler is None or len(scaler["mean"]) != len(names) or not names):
+                raise CardError(f"scar {model} entry {entry['file']} needs a scaler over the card's "
+                                f"{len(names)} clinical_features")
+            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network, scaler))
+        return fold_models
+
+    # --- card helpers ----------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.card["input"].get("clinical_features") or [])
+
+    def folds_of(self, mode: str) -> list[FoldModel]:
+        return [fold for fold in self.networks if fold.model == mode]
+
+    def warm_up(self) -> None:
+        spec = self.card["input"].get("photo")
+        for mode in {fold.model for fold in self.networks}:
+            image = torch.zeros(3, *spec["size"]) if mode != "clinical" else None
+            clinical = np.zeros(len(self.feature_names)) if mode != "image" else None
+            self.infer([Prepared(mode, image, None, clinical)])
+        _lut("hot"), _lut("jet")  # matplotlib's import, paid now
+
+    # --- the four steps --------------------------------------------------------------------
+    def validate(self, request: dict[str, Any]) -> Job:
+        job = super().validate(request)
+        img_path = require_string(request, "img_path", optional=True)
+        has_clinical = request.get("clinical") is not None
+        if img_path is None and not has_clinical:
+            raise ServiceError(INVALID_REQUEST, "a scar request needs 'img_path' (a photo of the scar), 'clinical' "
+                                                f"(an object of the {len(self.feature_names) or 11} clinical features) "
+                                                "or both")
+        mode = "combined" if img_path and has_clinical else "image" if img_path else "clinical"
+        if not self.folds_of(mode):
+            served = sorted({fold.model for fold in self.networks}, key=scar.MODES.index)
+            raise ServiceError(MODEL_UNAVAILABLE, f"the scar card has no {mode} model (it serves: {', '.join(served)})")
+        job.options["mode"] = mode
+        job.options["img_path"] = img_path
+        if has_clinical:
+            try:
+                job.options["clinical"] = scar.clinical_vector(request["clinical"], self.feature_names)
+            except scar.ClinicalFeatureError as exc:
+                raise ServiceError(INVALID_REQUEST, str(exc)) from None
+        if img_path is not None:
+            destination = require_string(request, "destination_path")
+            job.options["folder"] = prepare_destination(destination, self.settings.output_root)
+        else:
+            require_string(request, "destination_path", optional=True)  # accepted, unused: no files without a photo
+        return job
+
+    def preprocess(self, job: Job) -> Prepared:
+        photo = image = None
+        if job.options["img_path"] is not None:
+            photo = self.read_input(job.options["img_path"], color="rgb")
+            image = scar.preprocess_photo(photo, self.card["input"]["photo"])
+        return Prepared(job.options["mode"], image, photo, job.options.get("clinical"))
+
+    def infer(self, batch: list[Prepared]) -> list[Inferred]:
+        results: list[Inferred | None] = [None] * len(batch)
+        for mode in {item.mode for item in batch}:
+            rows = [i for i, item in enumerate(batch) if item.mode == mode]
+            for i, inferred in zip(rows, self._infer_mode(mode, [batch[i] for i in rows])):
+                results[i] = inferred
+        return results  # type: ignore[return-value]
+
+    def _infer_mode(self, mode: str, items: list[Prepared]) -> list[Inferred]:
+        device = self.settings.device
+        folds = self.folds_of(mode)
+        images = torch.stack([item.image for item in items]).to(device) if mode != "clinical" else None
+        raw = np.stack([item.clinical for item in items]) if mode != "image" else None
+        clinical = [torch.from_numpy(scar.standardise(raw, fold.scaler)).to(device) if raw is not None else None
+                    for fold in folds]
+        with torch.inference_mode():
+            outputs = [fold.network(*[x for x in (images, rows) if x is not None]) for fold, rows in zip(folds, clinical)]
+            probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs]).mean(0)
+        probabilities = probabilities.cpu().numpy().astype(np.float64)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        severity = probabilities.argmax(axis=1)
+        cams: list[np.ndarray | None] = [None] * len(items)
+        if images is not None:
+            networks = [fold.network if mode == "image" else ClinicalHeld(fold.network, rows)
+                        for fold, rows in zip(folds, clinical)]
+            cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
+        return [Inferred(probabilities[i], int(severity[i]), cams[i]) for i in range(len(items))]
+
+    def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
+        fields: dict[str, Any] = {"severity": inferred.severity,
+                                  "probabilities": [float(p) for p in inferred.probabilities],
+                                  "mode": prepared.mode}
+        if prepared.photo is not None:
+            height, width = prepared.photo.shape[:2]
+            cam = cv2.resize(inferred.cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+            folder, stem, stamp = job.options["folder"], output_stem(job.options["img_path"]), timestamp()
+            fields["cam_img_path"] = str(write_png(folder, f"{stem}_cam_{stamp}", _lut("hot")[_lut_index(cam)]))
+            fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}",
+                                                       photo_overlay(prepared.photo, cam)))
+        return fields
