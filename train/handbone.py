@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from pathlib import Path
@@ -50,6 +49,7 @@ from tasks import handbone
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_trainer
 from train.handbone_data import HandboneSamples, find_cases, model_sample
+from train.reporting import data_source
 from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
 
 AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
@@ -126,16 +126,6 @@ def network_builder(architecture: dict[str, Any], encoder_weights: str | None, p
     return build
 
 
-def data_source(data: Path) -> str:
-    note = data / "synthetic.json"
-    if note.is_file():
-        try:
-            return json.loads(note.read_text(encoding="utf-8")).get("description", "synthetic phantoms")
-        except (OSError, json.JSONDecodeError):
-            return "synthetic phantoms"
-    return f"DCM/ + outputs_json/ under {data}"
-
-
 def build_task(args: argparse.Namespace) -> TrainTask:
     """The handbone ``TrainTask``: seed-layout data, model-frame samples, smp network, BCE+Dice+IoU, Dice selection."""
     architecture = architecture_from(args)
@@ -179,7 +169,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
             "labels": classes,
             "output": {"activation": "sigmoid", "multilabel": True, "threshold": handbone.DEFAULT_THRESHOLD},
             "data": {"root": str(args.data), "n_images": len(cases), "n_patients": len(patients),
-                     "source": data_source(Path(args.data))},
+                     "source": data_source(Path(args.data), f"DCM/ + outputs_json/ under {args.data}")},
             "training": {"optimizer": f"AdamW(weight_decay={args.weight_decay:g})", "scheduler": args.scheduler,
                          "loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
                          "selection": "best validation Dice at original resolution (mean over images, then classes)",

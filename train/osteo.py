@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -53,6 +52,7 @@ from tasks import osteo
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_trainer
 from train.metrics import classification_plots, classification_records, records_metrics
+from train.reporting import data_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 ROTATION_RANGE = (10.0, 30.0)
@@ -124,17 +124,6 @@ def preprocessed_gray(path: Path, input_spec: dict[str, Any]) -> np.ndarray:
     return osteo.preprocess(gray, input_spec)[1]
 
 
-def data_source(data: Path) -> str:
-    """How the data came to be: the phantom generator's own note when present."""
-    note = data / "synthetic.json"
-    if note.is_file():
-        try:
-            return json.loads(note.read_text(encoding="utf-8")).get("description", "synthetic phantoms")
-        except (OSError, json.JSONDecodeError):
-            return "synthetic phantoms"
-    return f"class folders under {data}"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.osteo",
@@ -190,7 +179,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
             "labels": labels,
             "data": {"root": str(args.data), "n_images": len(items),
                      "class_counts": {label: counts[i] for i, label in enumerate(labels)},
-                     "source": data_source(Path(args.data))},
+                     "source": data_source(Path(args.data), f"class folders under {args.data}")},
             "training": {"optimizer": "Adam", "scheduler": "ReduceLROnPlateau(factor=0.1, patience=5, val_loss)",
                          "loss": "CrossEntropyLoss", "selection": "best validation ROC-AUC (ties: lower val loss)",
                          "augmentation": "per epoch: vertical flip p=0.5, rotation +-[10,30] deg p=0.5",

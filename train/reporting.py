@@ -7,6 +7,7 @@ predicted by the fold that did not train on it).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shlex
 import sys
@@ -72,3 +73,15 @@ def plot_fold_curves(rows: Sequence[dict[str, Any]], score_key: str, path: str |
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def data_source(folder: Path, otherwise: str) -> str:
+    """How the training data came to be: the phantom generator's note (``synthetic.json``) when
+    the data folder holds one, else ``otherwise`` (a description of the real layout)."""
+    note = Path(folder) / "synthetic.json"
+    if not note.is_file():
+        return otherwise
+    try:
+        return json.loads(note.read_text(encoding="utf-8")).get("description", "synthetic phantoms")
+    except (OSError, json.JSONDecodeError):
+        return "synthetic phantoms"

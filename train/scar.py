@@ -58,6 +58,7 @@ from train import scar_card
 from train.common import TrainTask, add_training_arguments, run_kfold
 from train.distributed import setup_distributed, shutdown_distributed
 from train.metrics import classification_records
+from train.reporting import data_source
 from train.scar_data import PhotoStore, ScarData, ScarFold, fold_scaler, load_data
 from train.scar_results import scar_metrics, scar_plots
 
@@ -159,7 +160,7 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
             "task": scar.TASK, "name": f"scar-{mode}", "architecture": architecture, "labels": list(scar.LABELS),
             "input": {"photo": input_spec if photos is not None else None,
                       "clinical_features": data.feature_names if mode != "image" else None},
-            "data": {"root": str(args.data), "n_items": len(data.items), "source": _data_source(args.data, data),
+            "data": {"root": str(args.data), "n_items": len(data.items), "source": data_source(args.data if Path(args.data).is_dir() else Path(args.data).parent, data.source),
                      "class_counts": {label: int(c) for label, c in zip(scar.LABELS, counts)},
                      "grouped_by_patient": data.groups is not None},
             "training": {"model": mode, "optimizer": f"SGD(momentum={args.momentum}, weight_decay={args.weight_decay})",
@@ -175,16 +176,6 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
     if mode == "combined" and getattr(args, "init_from_branches", False):
         task.fold_model = _branch_initialiser(out, architecture, image_shape)
     return task
-
-
-def _data_source(root: Path, data: ScarData) -> str:
-    note = (Path(root) if Path(root).is_dir() else Path(root).parent) / "synthetic.json"
-    if note.is_file():
-        try:
-            return json.loads(note.read_text(encoding="utf-8")).get("description", data.source)
-        except (OSError, json.JSONDecodeError):
-            pass
-    return data.source
 
 
 def _fold_scalers(out: Path, mode: str, data: ScarData) -> dict[int, dict] | None:
