@@ -35,14 +35,16 @@ def prepare_destination(destination: str, output_root: Path | None) -> Path:
     if output_root is not None and not is_within(folder, output_root):
         raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is outside the output root "
                                              f"{str(output_root)!r}")
-    if folder.exists() and not folder.is_dir():
-        raise ServiceError(INVALID_REQUEST, f"destination_path {destination!r} exists and is not a folder")
     try:
+        if folder.exists() and not folder.is_dir():
+            raise ServiceError(INVALID_REQUEST, f"destination_path {destination[:200]!r} exists and is not a folder")
         folder.mkdir(parents=True, exist_ok=True)
     except PermissionError as exc:
-        raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {destination!r}: {exc.strerror}") from None
-    except OSError as exc:
-        raise ServiceError(INVALID_REQUEST, f"cannot create destination_path {destination!r}: {exc.strerror}") from None
+        raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {destination[:200]!r}: "
+                                             f"{exc.strerror}") from None
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ServiceError(INVALID_REQUEST, f"cannot create destination_path {destination[:200]!r}: "
+                                            f"{exc.strerror}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is not writable")
     return folder
@@ -53,9 +55,16 @@ def timestamp(now: datetime | None = None) -> str:
     return (now or datetime.now()).strftime("%Y%m%d%H%M%S")
 
 
+MAX_STEM_CHARS = 120  # leaves room for "_{kind}_{timestamp}_{N}.png" within a 255-byte file name
+
+
 def output_stem(img_path: str) -> str:
-    """The base name used for outputs: the input's file name without its extension."""
-    return Path(img_path).stem or "image"
+    """The base name used for outputs: the input's file name without its extension (shortened
+    so that the output name stays within the file system's limit)."""
+    stem = Path(img_path).stem or "image"
+    while len(os.fsencode(stem)) > MAX_STEM_CHARS:
+        stem = stem[:-1]
+    return stem
 
 
 def _link_without_overwrite(tmp: str, folder: Path, stem: str, ext: str) -> Path:

@@ -167,6 +167,16 @@ def test_folder_and_device_paths_are_refused(daemon, tmp_path):
         assert reply["error"]["code"] == code, reply
 
 
+def test_overlong_names_are_refused_or_shortened(daemon, inputs, tmp_path):
+    reply = daemon.ask(request(inputs, tmp_path / ("x" * 300)))
+    assert reply["error"]["code"] == "invalid_request", reply  # found by bench/fuzz_daemon.py
+    long_input = tmp_path / ("p" * 250 + ".png")
+    long_input.write_bytes(inputs["pano"].read_bytes())
+    reply = daemon.ask({"img_path": str(long_input), "destination_path": str(tmp_path / "out")})
+    assert reply["result"] == "ok", reply
+    assert Path(reply["overlay_img_path"]).name.startswith("p" * 120 + "_overlay_")
+
+
 def test_destination_that_is_a_file_is_invalid(daemon, inputs, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
