@@ -116,6 +116,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100
     return parser
 
 
+def augmentation_generator(seed: int | None = None) -> torch.Generator:
+    """The torch RNG a training dataset draws its augmentation from: seeded from the global RNG,
+    which run_kfold seeds per fold (reproducible, different per fold), unless ``seed`` is given."""
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,))) if seed is None else seed
+    return torch.Generator().manual_seed(seed)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))

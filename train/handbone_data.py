@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from tasks import handbone
 from tasks.imaging import ImageReadError, image_dimensions, read_image
+from train.common import augmentation_generator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
@@ -135,9 +136,7 @@ class HandboneSamples(Dataset):
                  train: bool, elastic: bool = False, seed: int | None = None):
         self.sample, self.indices, self.input_spec = sample, list(indices), input_spec
         self.train, self.elastic = train, elastic
-        # Drawn from the global RNG, which run_kfold seeds per fold: reproducible, different per fold.
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,))) if seed is None else seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = augmentation_generator(seed)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from tasks import osteo
 from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, run_trainer
+from train.common import TrainTask, add_training_arguments, augmentation_generator, run_trainer
 from train.metrics import classification_plots, classification_records, records_metrics
 from train.reporting import data_source
 
@@ -97,9 +97,7 @@ class OsteoImages(Dataset):
                  input_spec: dict[str, Any], train: bool, seed: int | None = None):
         self.paths, self.targets, self.indices = paths, targets, list(indices)
         self.cache, self.input_spec, self.train = cache, input_spec, train
-        # Drawn from the global RNG, which run_kfold seeds per fold: reproducible, different per fold.
-        seed = int(torch.randint(0, 2 ** 31 - 1, (1,))) if seed is None else seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = augmentation_generator(seed)
 
     def __len__(self) -> int:
         return len(self.indices)
