@@ -91,8 +91,9 @@ def main() -> None:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="fuzz-"))
     files = hostile_files(work)
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_model.py"), str(args.weights), "--device", "cpu"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    # Run inside the scratch folder: fuzzed relative destinations must not land in the repository.
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_model.py"), str(args.weights.resolve()), "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=work)
     json.loads(proc.stdout.readline())
     codes: collections.Counter = collections.Counter()
     began = time.perf_counter()
