@@ -29,10 +29,13 @@ Left out: the seed's optuna search (``--tune``); validation runs after every epo
 
 Demo weights (synthetic phantoms, for weights/handbone/; the card records the time and Dice):
 
-    python -m train.synthetic handbone /tmp/handbone_phantoms --n 32 --size 256 256 --seed 1
-    python -m train.handbone /tmp/handbone_phantoms --out weights/handbone --arch unet \\
+    python -m train.synthetic handbone /tmp/hb2 --n 48 --size 256 256 --seed 1
+    python -m train.handbone /tmp/hb2 --out weights/handbone --arch unet \\
         --encoder tu-resnet10t --encoder-depth 4 --decoder-channels 48 32 24 16 --size 256 \\
-        --folds 2 --epochs 40 --batch-size 4 --lr 3e-3 --seed 0 --half --demo
+        --folds 2 --epochs 70 --batch-size 4 --lr 5e-3 --seed 0 --half --demo
+
+With ``--epochs 45`` this reached pooled out-of-fold Dice 0.863 (still rising when the cosine
+schedule ended; ~9 s an epoch on 2 idle CPU cores); 32 phantoms, 40 epochs and lr 3e-3 gave ~0.7.
 """
 from __future__ import annotations
 
