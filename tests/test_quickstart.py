@@ -13,7 +13,7 @@ from conftest import REPO
 
 def test_demo_weights_answer_every_example_request(tmp_path):
     (tmp_path / "examples").symlink_to(REPO / "examples")
-    requests = b"".join((REPO / "examples" / name).read_bytes() for name in ("requests.jsonl", "scar_requests.jsonl"))
+    requests = b"".join((REPO / "examples" / name).read_bytes() for name in ("requests.jsonl", "scar_requests.jsonl", "handbone_requests.jsonl"))
     expected = [json.loads(line) for line in requests.splitlines() if line.strip()]
     run = subprocess.run([sys.executable, str(REPO / "run_model.py"), str(REPO / "weights")], input=requests,
                          capture_output=True, cwd=tmp_path, timeout=600)
@@ -35,3 +35,5 @@ def test_demo_weights_answer_every_example_request(tmp_path):
     osteo = [r for r in replies if r.get("task") == "osteo"]
     assert [r["label"] for r in osteo] == ["C1", "C3", "C3"]  # the phantoms are told apart
     assert Path(osteo[0]["saliency_img_path"]).parent == (tmp_path / "out" / "examples").resolve()
+    (hand,) = [r for r in replies if r.get("task") == "handbone"]
+    assert sum(area > 0 for area in hand["areas_px"].values()) >= 25  # the demo finds the phantom's bones
