@@ -15,12 +15,15 @@ same way when it learns, when it is validated and when it serves:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
+
+# The model-frame geometry is shared with brixia; handbone keeps offering it under its own names.
+from tasks.frames import DEFAULT_THRESHOLD, FITS, Geometry, fit_to_model  # noqa: F401
+from tasks.frames import fit_masks_to_model, masks_at_input, model_geometry, probabilities_at_input  # noqa: F401
 
 TASK = "handbone"
 CLASSES = [
@@ -32,10 +35,8 @@ CLASSES = [
 # smp's names for the architectures the seed used; the key is what --arch accepts.
 ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "fpn": "FPN",
                  "deeplabv3plus": "DeepLabV3Plus", "manet": "MAnet", "pan": "PAN"}
-FITS = ("letterbox", "resize")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------- card records
@@ -173,61 +174,6 @@ def polygon_annotations(masks: np.ndarray, classes: Sequence[str] = CLASSES) -> 
 
 # ---------------------------------------------------------------- the one preprocessing
 
-@dataclass(frozen=True)
-class Geometry:
-    """Where an input of ``height`` x ``width`` sits in the square model frame of side ``size``.
-
-    The image occupies rows ``top:top+inner_height`` and columns ``left:left+inner_width``; the
-    rest is padding (letterbox) or nothing (resize: the inner box is the whole frame).
-    """
-    height: int
-    width: int
-    size: int
-    top: int
-    left: int
-    inner_height: int
-    inner_width: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("height", "width", "size", "top", "left", "inner_height", "inner_width")}
-
-
-def model_geometry(height: int, width: int, input_spec: dict[str, Any]) -> Geometry:
-    """The mapping of an input of ``height`` x ``width`` into the card's model frame."""
-    size = int(input_spec["size"][0])
-    if input_spec.get("fit", "letterbox") == "resize":
-        return Geometry(height, width, size, 0, 0, size, size)
-    scale = size / max(height, width)
-    inner_h, inner_w = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
-    return Geometry(height, width, size, (size - inner_h) // 2, (size - inner_w) // 2, inner_h, inner_w)
-
-
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    shrinking = width * height < array.shape[1] * array.shape[0]
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def fit_to_model(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
-    """8-bit gray image of any size -> (uint8 image at model size, its Geometry)."""
-    if gray.dtype != np.uint8 or gray.ndim != 2:
-        raise ValueError("handbone preprocessing expects an 8-bit grayscale image")
-    geometry = model_geometry(*gray.shape, input_spec)
-    frame = np.full((geometry.size, geometry.size), int(input_spec.get("pad_value", 0)), dtype=np.uint8)
-    frame[geometry.top:geometry.top + geometry.inner_height, geometry.left:geometry.left + geometry.inner_width] = \
-        _resize(gray, geometry.inner_width, geometry.inner_height)
-    return frame, geometry
-
-
-def fit_masks_to_model(masks: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """``(C, H, W)`` bool masks -> ``(C, S, S)`` bool masks in the model frame (area-weighted, >= 0.5)."""
-    frame = np.zeros((masks.shape[0], geometry.size, geometry.size), dtype=bool)
-    for k, mask in enumerate(masks):
-        inner = _resize(mask.astype(np.float32), geometry.inner_width, geometry.inner_height)
-        frame[k, geometry.top:geometry.top + geometry.inner_height,
-              geometry.left:geometry.left + geometry.inner_width] = inner >= 0.5
-    return frame
-
-
 def to_tensor(gray_model: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
     """uint8 (S, S) at model size -> normalised float tensor (3, S, S): the only normalisation there is."""
     x = torch.from_numpy(np.ascontiguousarray(gray_model, dtype=np.float32) / 255.0)
@@ -242,26 +188,6 @@ def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tens
     """8-bit gray image -> (network input (3, S, S), Geometry back to the input)."""
     frame, geometry = fit_to_model(gray, input_spec)
     return to_tensor(frame, input_spec), geometry
-
-
-def probabilities_at_input(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """``(C, S, S)`` model-frame probabilities -> ``(C, H, W)`` float32 at the input's size (bilinear)."""
-    inner = probabilities[:, geometry.top:geometry.top + geometry.inner_height,
-                          geometry.left:geometry.left + geometry.inner_width]
-    out = np.empty((probabilities.shape[0], geometry.height, geometry.width), dtype=np.float32)
-    for k, channel in enumerate(inner):
-        out[k] = cv2.resize(np.ascontiguousarray(channel, dtype=np.float32), (geometry.width, geometry.height),
-                            interpolation=cv2.INTER_LINEAR)
-    return out
-
-
-def masks_at_input(probabilities: np.ndarray, geometry: Geometry, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """``(C, S, S)`` probabilities -> ``(C, H, W)`` bool masks at the input's size, one class at a time
-    (a 2048x2048 input never holds all 29 float maps at once)."""
-    masks = np.empty((probabilities.shape[0], geometry.height, geometry.width), dtype=bool)
-    for k in range(probabilities.shape[0]):
-        masks[k] = probabilities_at_input(probabilities[k:k + 1], geometry)[0] > threshold
-    return masks
 
 
 @torch.inference_mode()
