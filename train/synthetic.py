@@ -15,6 +15,7 @@ GENERATORS = {
     "osteo": ("train.phantoms.osteo", "write_osteo_phantoms", (225, 477)),
     "handbone": ("train.phantoms.handbone", "write_handbone_phantoms", (512, 512)),
     "scar": ("train.phantoms.scar", "write_scar_phantoms", (96, 128)),
+    "brixia": ("train.phantoms.brixia", "write_brixia_phantoms", (256, 256)),
 }
 
 
