@@ -8,8 +8,10 @@ a metric function, the selection score and its card fields), and calls
 
 Per fold ``run_kfold`` trains with DDP when launched by torchrun (DistributedSampler for
 training, validation sharded without padding and gathered so metrics are exact), AMP on CUDA,
-tqdm on stderr; keeps the best epoch by the task's score (ties and NaN scores fall back to the
-lower validation loss) as ``OUT/fold{k}.safetensors``; logs ``OUT/logs/fold{k}.csv`` and
+tqdm on stderr; validates every ``--val-every`` epochs and after the last one; keeps the best
+validated epoch by the task's score (ties and NaN scores fall back to the lower validation loss)
+as ``OUT/fold{k}.safetensors``; logs ``OUT/logs/fold{k}.csv`` (every epoch; the validation
+columns are empty on epochs without validation) and
 ``.png``; marks the fold done (``OUT/logs/fold{k}.done.json``) so ``--resume`` skips it. At
 the end it pools the out-of-fold records into ``oof_predictions.csv`` and metrics, lets the
 task draw its plots, and writes the card.
@@ -107,6 +109,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank (default 0)")
     parser.add_argument("--half", action="store_true",
                         help="store fold weights as float16 safetensors (half the size; widened on load)")
+    parser.add_argument("--val-every", type=int, default=1, metavar="N",
+                        help="validate on epochs divisible by N and always on the last one; the best checkpoint is "
+                             "chosen among validated epochs, and a ReduceLROnPlateau schedule steps (and counts its "
+                             "patience) only on them (default 1: every epoch)")
     parser.add_argument("--precise-bn", type=int, default=0, metavar="N",
                         help="before each validation, recompute BatchNorm statistics from N unaugmented training "
                              "batches; needed for short trainings (demo weights), whose running statistics have "
@@ -218,6 +224,15 @@ def recalibrate_batch_norm(model: torch.nn.Module, dataset: Dataset, batch_size:
                 buffer /= context.world_size
 
 
+def validation_interval(args: argparse.Namespace) -> int:
+    """``--val-every`` (1 when a caller's namespace lacks it); below 1 is an error."""
+    val_every = getattr(args, "val_every", None)
+    val_every = 1 if val_every is None else int(val_every)
+    if val_every < 1:
+        raise SystemExit(f"--val-every must be 1 or more, not {val_every}")
+    return val_every
+
+
 def _train_fold(task: TrainTask, args, context: DistributedContext, fold: int,
                 train_idx: list[int], val_idx: list[int], out: Path, amp: bool) -> dict[str, Any]:
     seed_everything(args.seed + 1000 * fold)
@@ -240,36 +255,45 @@ def _train_fold(task: TrainTask, args, context: DistributedContext, fold: int,
     checkpoint = out / f"fold{fold}.safetensors"
     rows: list[dict[str, Any]] = []
     best_key, best = (-math.inf, -math.inf), None
+    val_every = validation_interval(args)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     for epoch in range(1, args.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss = _train_epoch(task, model, loader, optimizer, scaler, context, amp,
                                   desc=f"fold {fold} epoch {epoch}/{args.epochs}")
-        if calibration_set is not None:
-            recalibrate_batch_norm(model, calibration_set, args.batch_size, args.workers, context,
-                                   args.precise_bn, seed=args.seed + epoch)
-        val_loss, records = _validate(task, model, val_set, args.batch_size, args.workers, context, amp)
-        metrics = task.metrics(records)
-        key = _selection_key(metrics.get(task.score_key), val_loss)
-        if best is None or key > best_key:
-            best_key = key
-            best = {"best_epoch": epoch, "metrics": metrics, "records": records, "val_loss": val_loss}
-            if context.is_main:
-                save_state_dict(_unwrap(model).state_dict(), checkpoint, half=args.half)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        elif scheduler is not None:
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": math.nan}
+        validated = epoch % val_every == 0 or epoch == args.epochs
+        if validated:
+            if calibration_set is not None:
+                recalibrate_batch_norm(model, calibration_set, args.batch_size, args.workers, context,
+                                       args.precise_bn, seed=args.seed + epoch)
+            val_loss, records = _validate(task, model, val_set, args.batch_size, args.workers, context, amp)
+            metrics = task.metrics(records)
+            key = _selection_key(metrics.get(task.score_key), val_loss)
+            if best is None or key > best_key:
+                best_key = key
+                best = {"best_epoch": epoch, "metrics": metrics, "records": records, "val_loss": val_loss}
+                if context.is_main:
+                    save_state_dict(_unwrap(model).state_dict(), checkpoint, half=args.half)
+            if plateau:
+                scheduler.step(val_loss)  # its patience counts validations, not epochs
+            row.update(val_loss=val_loss, **scalar_items(metrics))
+        if scheduler is not None and not plateau:
             scheduler.step()
-        rows.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-                     **scalar_items(metrics)})
+        rows.append(row)
         if context.is_main:
             write_rows(out / "logs" / f"fold{fold}.csv", rows)
             plot_fold_curves(rows, task.score_key, out / "logs" / f"fold{fold}.png", f"fold {fold}")
-            score = metrics.get(task.score_key)
-            tqdm.write(f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-                       f"{task.score_key} {score if score is None else round(score, 4)} "
-                       f"(best epoch {best['best_epoch']})", file=sys.stderr)
+            if validated:
+                score = metrics.get(task.score_key)
+                tqdm.write(f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                           f"{task.score_key} {score if score is None else round(score, 4)} "
+                           f"(best epoch {best['best_epoch']})", file=sys.stderr)
+            else:
+                tqdm.write(f"fold {fold} epoch {epoch}: train_loss {train_loss:.4f} "
+                           f"(validation every {val_every} epochs)", file=sys.stderr)
     return {"fold": fold, "file": checkpoint.name, "n_train": len(train_idx), "n_val": len(val_idx), **best}
 
 

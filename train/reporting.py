@@ -55,19 +55,31 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> float:
+    """A plottable float: missing, empty, None or non-numeric values are NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def plot_fold_curves(rows: Sequence[dict[str, Any]], score_key: str, path: str | Path, title: str) -> Path:
-    """Save train/val loss and the selection score per epoch (nnU-Net's ``progress.png``)."""
+    """Save train/val loss and the selection score per epoch (nnU-Net's ``progress.png``).
+
+    Epochs without validation (``--val-every``) have no validation loss or score: those curves
+    join the validated epochs only.
+    """
     from train.metrics import _pyplot
 
     plt = _pyplot()
-    epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [row["train_loss"] for row in rows], "o-", label="train")
-    ax_loss.plot(epochs, [row["val_loss"] for row in rows], "o-", label="val")
+    for axis, key, label, style in ((ax_loss, "train_loss", "train", {}), (ax_loss, "val_loss", "val", {}),
+                                    (ax_score, score_key, None, {"color": "tab:green"})):
+        points = [(_number(row.get("epoch")), _number(row.get(key))) for row in rows]
+        points = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+        axis.plot([x for x, _ in points], [y for _, y in points], "o-", label=label, **style)
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
     ax_loss.legend()
-    scores = [row.get(score_key, float("nan")) for row in rows]
-    ax_score.plot(epochs, [float("nan") if s is None else s for s in scores], "o-", color="tab:green")
     ax_score.set(xlabel="epoch", ylabel=score_key, title=f"{title}: {score_key}", ylim=(-0.02, 1.02))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
