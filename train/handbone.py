@@ -3,6 +3,8 @@
     python -m train.handbone DATA --out weights/handbone --arch unet --encoder resnet34 --size 1024 --folds 5 \\
         [--encoder-weights imagenet] [--loss 1 1 1] [--elastic] [--epochs 40] [--batch-size 8] [--lr 1e-4] [--amp]
     torchrun --nproc_per_node=N -m train.handbone DATA --out weights/handbone ...          # DDP
+    python -m train.handbone DATA --out weights/handbone --tune 20 [--tune-sizes 256 512 1024] \
+        [--tune-lr 1e-3 1e-2] [--tune-epochs 10 40] ...     # optuna search (pip install -e ".[tune]")
     python -m train.handbone infer TEST_DIR --weights weights/handbone [more cards ...] --out submission.csv [--tta]
 
 DATA is the seed's layout: ``DCM/IDxxx/*.png`` and ``outputs_json/IDxxx/*.json`` (polygons with
@@ -18,14 +20,22 @@ to 3 channels, ImageNet mean/std), the same code the daemon serves with. Augment
 Loss: weighted BCE + Dice + IoU (``--loss`` weights as the seed). Optimiser AdamW (the seed's
 AdamP is not a dependency) with weight decay 1e-6, cosine learning rate. The best epoch of each
 fold by validation Dice, computed at each image's own resolution (``train/handbone_metrics.py``),
-is kept. Plots: ``logs/fold{k}.png`` (curves) and ``dice_per_class.png``; the card holds the
-per-class and mean Dice per fold and pooled out of fold.
+is kept. Validation runs every ``--val-every N`` epochs and after the last one (default every
+epoch; the seed validated every 2), and the best epoch is chosen among those. Plots:
+``logs/fold{k}.png`` (curves) and ``dice_per_class.png``; the card holds the per-class and mean
+Dice per fold and pooled out of fold.
+
+``--tune N`` (``train/handbone_tune.py``) is the seed's optuna search: N TPE trials seeded by
+``--seed`` over the model size (``--tune-sizes``), lr (log-uniform in ``--tune-lr``) and epochs
+(``--tune-epochs``), each a full k-fold run into ``OUT/tune/trial{k}/`` scored by its pooled
+out-of-fold Dice; ``OUT/tune/trials.csv`` lists them and ``OUT/tune/best.json`` holds the best
+params and the command that trains with them. optuna is the ``tune`` extra; a search runs in one
+process (refused under torchrun: train the best command with torchrun afterwards).
 
 Differences from the seed, on purpose: one normalisation for training, validation and serving
 (the seed's inference skipped it); validation Dice at full resolution (the seed compared at
 model size in its k-fold script); all folds ensembled by mean probability (the seed's k-fold
 inference used 3 of 5 folds and a unanimous vote); image names may contain ``_``.
-Left out: the seed's optuna search (``--tune``); validation runs after every epoch.
 
 Demo weights (synthetic phantoms, for weights/handbone/; the card records the time and Dice):
 
@@ -54,6 +64,7 @@ from train.common import TrainTask, add_training_arguments, run_trainer
 from train.handbone_data import HandboneSamples, find_cases, model_sample
 from train.reporting import data_source
 from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
+from train.handbone_tune import add_tune_arguments
 
 AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
                 "and contrast 0.8-1.2 p=0.5; elastic p=0.3 when --elastic")
@@ -92,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep images and masks at model size in memory after first use (fast; needs "
                              "about 30 x size^2 bytes per image) or read them again every epoch")
     add_training_arguments(parser, epochs=40, batch_size=8, lr=1e-4, folds=5)
+    add_tune_arguments(parser)
     args = parser.parse_args(argv)
     if args.encoder_weights.lower() in ("none", "null", ""):
         args.encoder_weights = None
@@ -190,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return infer_main(argv[1:])
     args = parse_args(argv)
+    if args.tune:
+        from train.handbone_tune import run_tune
+
+        return run_tune(args, argv)
     return run_trainer(lambda: build_task(args), args, module="train.handbone")
 
 
