@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="most requests of one task inferred together when several are waiting (default: 4)")
     parser.add_argument("--workers", type=int, default=2,
                         help="threads decoding and preprocessing requests while the model infers (default: 2)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32"),
+                        help="auto: float16 autocast (AMP) for forward passes and explanations on CUDA, "
+                             "float32 on CPU; fp32: float32 everywhere (default: auto)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="stderr log level (default: INFO)")
     args = parser.parse_args(argv)
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     default_device, task_devices = args.device
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
-                        max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold)
+                        max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
+                        precision=args.precision)
     server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers)
     server.install_signal_handlers()
     server.registry = load_registry(args.weights, settings, args.tasks,

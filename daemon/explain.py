@@ -41,9 +41,16 @@ def grad_cam(networks: Sequence[torch.nn.Module], target_layer_of: Callable[[tor
     total = np.zeros((batch.shape[0], batch.shape[2], batch.shape[3]), dtype=np.float32)
     with torch.enable_grad():
         for network in networks:
-            with GradCAM(model=network, target_layers=[target_layer_of(network)]) as cam:
+            # Under float16 autocast the hooked activations and gradients are float16: cast them
+            # (pytorch-grad-cam's reshape_transform sees both) so the map is built in float32.
+            with GradCAM(model=network, target_layers=[target_layer_of(network)], reshape_transform=_as_float32) as cam:
                 total += cam(input_tensor=batch, targets=targets)
     return _normalise(total / len(networks))
+
+
+def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor as it is (no copy: float32 results stay bit-identical), anything else cast."""
+    return tensor.float()
 
 
 def input_saliency(networks: Sequence[torch.nn.Module], batch: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
@@ -53,10 +60,10 @@ def input_saliency(networks: Sequence[torch.nn.Module], batch: torch.Tensor, cla
     with torch.enable_grad():
         for network in networks:
             x = batch.detach().clone().requires_grad_(True)
-            logits = network(x)
-            score = logits.gather(1, index[:, None]).sum()
+            logits = network(x)  # float16 under autocast; the score is summed in float32
+            score = logits.float().gather(1, index[:, None]).sum()
             (grad,) = torch.autograd.grad(score, x)
-            total += torch.from_numpy(_normalise(grad.abs().amax(dim=1).cpu().numpy())).to(batch.device)
+            total += torch.from_numpy(_normalise(grad.float().abs().amax(dim=1).cpu().numpy())).to(batch.device)
     return _normalise((total / len(networks)).cpu().numpy())
 
 

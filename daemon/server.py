@@ -140,8 +140,12 @@ class Server:
 
     def ready_line(self) -> dict[str, Any]:
         return {"event": "ready", "message": "Loaded pretrained weights", "version": __version__,
-                "device": str(self.settings.device), "default_task": self.default_task,
-                "tasks": self.registry.status(), "pid": os.getpid()}
+                "device": str(self.settings.device), "precision": self.settings.precision, "amp": self.amp_tasks(),
+                "default_task": self.default_task, "tasks": self.registry.status(), "pid": os.getpid()}
+
+    def amp_tasks(self) -> list[str]:
+        """Tasks whose forward passes run under float16 autocast (CUDA with ``--precision auto``)."""
+        return sorted(task for task, handler in self.registry.handlers.items() if getattr(handler, "amp", False))
 
     # --- signals and the loop -----------------------------------------------------------
     def install_signal_handlers(self) -> None:

@@ -7,6 +7,7 @@ server can batch and overlap work without the handler knowing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -23,6 +24,20 @@ from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
 
 MIN_IMAGE_SIDE = 32
+PRECISIONS = ("auto", "fp32")  # auto: float16 autocast on CUDA, float32 on CPU; fp32: never autocast
+
+
+def uses_amp(device: torch.device, precision: str = "auto") -> bool:
+    """Whether forward passes on ``device`` run under float16 autocast (``--precision auto`` on CUDA)."""
+    return precision == "auto" and torch.device(device).type == "cuda"
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """``torch.autocast("cuda", dtype=torch.float16)`` when ``uses_amp``, else a context that does nothing
+    (CPU inference stays float32, bit for bit)."""
+    if uses_amp(device, precision):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -34,6 +49,7 @@ class Settings:
     explain: str = "gradcam"
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     fold: int | None = None
+    precision: str = "auto"  # one of PRECISIONS
 
 
 @dataclass
@@ -89,6 +105,24 @@ class TaskHandler:
     def model_info(self) -> dict[str, Any]:
         """The ``model`` field of every reply."""
         return {"name": self.card["name"], "version": self.card["version"], "demo": bool(self.card.get("demo", False))}
+
+    @property
+    def amp(self) -> bool:
+        """True when this handler's forward passes run in float16 autocast (CUDA, ``--precision auto``)."""
+        return uses_amp(self.settings.device, self.settings.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every forward pass of ``infer`` runs in, explanations included::
+
+            with torch.inference_mode(), self.autocast():
+                logits = network(inputs)
+            probabilities = torch.softmax(logits.float(), dim=1)  # float32 before softmax/sigmoid/thresholds
+
+        float16 autocast on CUDA with ``--precision auto``, nothing at all otherwise (CPU results are
+        unchanged). Outputs may be float16 under it: cast them with ``.float()`` before softmax,
+        sigmoid or thresholds. Grad-CAM (``explain.grad_cam``) and saliency run inside it too; they
+        cast activations and gradients to float32 before building maps."""
+        return autocast_for(self.settings.device, self.settings.precision)
 
     def warm_up(self) -> None:
         """Run once at start-up so that lazy imports and first-call allocations do not land on

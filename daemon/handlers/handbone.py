@@ -69,8 +69,9 @@ class HandboneHandler(TaskHandler):
 
     def infer(self, batch: list[Prepared]) -> list[np.ndarray]:
         inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
-        probabilities = handbone.ensemble_probabilities(self.networks, inputs, [item.tta for item in batch])
-        return list(probabilities.cpu().numpy())
+        with torch.inference_mode(), self.autocast():  # ensemble_probabilities casts logits to float32 before the sigmoid
+            probabilities = handbone.ensemble_probabilities(self.networks, inputs, [item.tta for item in batch])
+        return list(probabilities.float().cpu().numpy())
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: np.ndarray) -> dict[str, Any]:
         classes = self.card["labels"]

@@ -68,18 +68,20 @@ class OsteoHandler(TaskHandler):
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
-        with torch.inference_mode():
-            probabilities = torch.stack([torch.softmax(net(inputs), dim=1) for net in self.networks]).mean(0)
-        probabilities = probabilities.float().cpu().numpy()
+        with torch.inference_mode(), self.autocast():
+            logits = [net(inputs) for net in self.networks]
+        probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in logits]).mean(0)
+        probabilities = probabilities.cpu().numpy()
         predicted = probabilities.argmax(axis=1)
         heat = np.zeros((len(batch), inputs.shape[2], inputs.shape[3]), dtype=np.float32)
         for method in {item.method for item in batch}:
             rows = [i for i, item in enumerate(batch) if item.method == method]
             subset, classes = inputs[rows], predicted[rows]
-            if method == "gradcam":
-                heat[rows] = explain.grad_cam(self.networks, osteo.explain_target_layer, subset, classes)
-            else:
-                heat[rows] = explain.input_saliency(self.networks, subset, classes)
+            with self.autocast():
+                if method == "gradcam":
+                    heat[rows] = explain.grad_cam(self.networks, osteo.explain_target_layer, subset, classes)
+                else:
+                    heat[rows] = explain.input_saliency(self.networks, subset, classes)
         return [Inferred(probabilities[i], int(predicted[i]), heat[i]) for i in range(len(batch))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:

@@ -162,9 +162,9 @@ class ScarHandler(TaskHandler):
         raw = np.stack([item.clinical for item in items]) if mode != "image" else None
         clinical = [torch.from_numpy(scar.standardise(raw, fold.scaler)).to(device) if raw is not None else None
                     for fold in folds]
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             outputs = [fold.network(*[x for x in (images, rows) if x is not None]) for fold, rows in zip(folds, clinical)]
-            probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs]).mean(0)
+        probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs]).mean(0)
         probabilities = probabilities.cpu().numpy().astype(np.float64)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         severity = probabilities.argmax(axis=1)
@@ -172,7 +172,8 @@ class ScarHandler(TaskHandler):
         if images is not None:
             networks = [fold.network if mode == "image" else ClinicalHeld(fold.network, rows)
                         for fold, rows in zip(folds, clinical)]
-            cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
+            with self.autocast():
+                cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
         return [Inferred(probabilities[i], int(severity[i]), cams[i]) for i in range(len(items))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
