@@ -60,8 +60,34 @@ def default_architecture(arch: str = "unet", encoder: str = "resnet34", classes:
     key = arch.lower().replace("-", "").replace("_", "")
     if key not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    return {"name": "smp", "arch": ARCHITECTURES[key], "encoder": encoder, "in_channels": 3,
-            "classes": int(classes), "options": {k: v for k, v in options.items() if v is not None}}
+    options = {k: v for k, v in options.items() if v is not None}
+    if is_hrnet(encoder) and ARCHITECTURES[key] == "PAN":
+        options.setdefault("encoder_output_stride", 32)  # smp's PAN default (16) dilates, HRNet cannot
+    architecture = {"name": "smp", "arch": ARCHITECTURES[key], "encoder": encoder, "in_channels": 3,
+                    "classes": int(classes), "options": options}
+    check_encoder(architecture)
+    return architecture
+
+
+def is_hrnet(encoder: str) -> bool:
+    """timm's HRNet encoders (``tu-hrnet_w18``, ``tu-hrnet_w18_small``, ``tu-hrnet_w48`` ...)."""
+    return encoder.lower().removeprefix("tu-").startswith("hrnet")
+
+
+def check_encoder(architecture: dict[str, Any]) -> None:
+    """Refuse, saying why, what smp would only fail on with a bare ``AssertionError`` deep in timm.
+
+    timm's HRNet has output stride 32 only (no dilation), while smp's DeepLabV3Plus needs an
+    encoder output stride of 8 or 16 and PAN defaults to 16 (``default_architecture`` asks PAN
+    for 32 with an HRNet). Unet, UnetPlusPlus, FPN and MAnet take HRNet as it is.
+    """
+    if not is_hrnet(architecture.get("encoder", "")):
+        return
+    arch, options = architecture.get("arch"), architecture.get("options") or {}
+    if arch == "DeepLabV3Plus" or (arch == "PAN" and options.get("encoder_output_stride", 16) != 32):
+        raise ValueError(f"{arch} needs a dilated encoder (output stride 8 or 16), which timm's HRNet "
+                         f"({architecture['encoder']}) cannot be; use unet, unetplusplus, fpn, manet"
+                         f"{'' if arch == 'DeepLabV3Plus' else ' or pan with encoder_output_stride 32'}")
 
 
 def build_network(architecture: dict[str, Any], encoder_weights: str | None = None) -> torch.nn.Module:
@@ -74,6 +100,7 @@ def build_network(architecture: dict[str, Any], encoder_weights: str | None = No
 
     if architecture.get("name") != "smp":
         raise ValueError(f"handbone expects an smp architecture, got {architecture.get('name')!r}")
+    check_encoder(architecture)
     options = dict(architecture.get("options") or {})
     if "decoder_channels" in options:
         options["decoder_channels"] = tuple(options["decoder_channels"])

@@ -87,3 +87,22 @@ def test_infer_ensembles_two_cards_into_the_seed_csv(trained, phantoms, tmp_path
         assert [row[1] for row in rows[1:30]] == handbone.CLASSES
         for _, _, rle in rows[1:]:
             handbone.rle_decode(rle, 96, 112)  # valid runs inside the image
+
+
+def test_an_hrnet_encoder_builds_under_unet_and_keeps_the_input_size():
+    network = handbone.build_network(handbone.default_architecture("unet", "tu-hrnet_w18_small")).eval()
+    with torch.no_grad():
+        assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 29, 64, 64)
+
+
+def test_hrnet_cannot_be_dilated_so_pan_asks_for_stride_32_and_deeplabv3plus_is_refused():
+    architecture = handbone.default_architecture("pan", "tu-hrnet_w18_small")
+    assert architecture["options"]["encoder_output_stride"] == 32
+    handbone.build_network(architecture)  # smp's default stride 16 failed here with a bare AssertionError
+    with pytest.raises(ValueError, match="HRNet"):
+        handbone.default_architecture("deeplabv3plus", "tu-hrnet_w18")
+    with pytest.raises(ValueError, match="encoder_output_stride 32"):
+        handbone.build_network({**architecture, "options": {}})
+    with pytest.raises(SystemExit, match="cannot build deeplabv3plus"):
+        train_handbone.architecture_from(train_handbone.parse_args(
+            ["data", "--out", "out", "--arch", "deeplabv3plus", "--encoder", "tu-hrnet_w18", "--size", "256"]))

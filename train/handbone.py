@@ -113,12 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def architecture_from(args: argparse.Namespace) -> dict[str, Any]:
     """The card's architecture record from the command line; checks the size against the encoder stride."""
     options = {"encoder_depth": args.encoder_depth, "decoder_channels": args.decoder_channels}
-    architecture = handbone.default_architecture(args.arch, args.encoder, **options)
     try:
+        architecture = handbone.default_architecture(args.arch, args.encoder, **options)
         handbone.check_model_size(args.size, architecture)
         handbone.build_network(architecture)  # fail now, not after reading data, on a bad encoder or option
     except Exception as exc:
-        raise SystemExit(f"cannot build {architecture['arch']} with encoder {args.encoder!r}: {exc}") from exc
+        raise SystemExit(f"cannot build {args.arch} with encoder {args.encoder!r}: {exc}") from exc
     return architecture
 
 
