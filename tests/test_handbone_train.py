@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from tasks.cards import read_card, sha256_file, verify_folds, write_card
 from train import handbone as train_handbone
 from train import synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "unet", "--encoder", "tu-mobilenetv3_small_050", "--encoder-depth", "3",
         "--decoder-channels", "16", "16", "8", "--size", "64", "--folds", "2", "--epochs", "1",
         "--batch-size", "4", "--seed", "0"]
@@ -66,6 +71,24 @@ def test_the_daemon_registry_loads_the_trained_card(trained):
     assert registry.unavailable == {}
     handler = registry.handlers["handbone"]
     assert len(handler.networks) == 2 and handler.card["name"].startswith("handbone-unet-")
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_writes_a_card_the_daemon_loads(phantoms, tmp_path):
+    out = tmp_path / "weights" / "handbone"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on GPU hosts
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "train.handbone", str(phantoms), "--out", str(out), *TINY]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = read_card(out)
+    verify_folds(out, card)
+    assert card["training"]["world_size"] == 2 and len(card["folds"]) == 2
+    # Validation is sharded over the ranks and gathered: every image scored exactly once.
+    assert card["metrics"]["pooled"]["n"] == 6
+    assert sorted(int(row["index"]) for row in csv.DictReader(open(out / "oof_predictions.csv"))) == list(range(6))
+    registry = load_registry(out.parent, Settings(device=torch.device("cpu")), tasks=["handbone"])
+    assert registry.unavailable == {} and len(registry.handlers["handbone"].networks) == 2
 
 
 def test_infer_ensembles_two_cards_into_the_seed_csv(trained, phantoms, tmp_path):
