@@ -25,7 +25,6 @@ def phantoms(tmp_path_factory):
     return data
 
 
-@pytest.mark.slow
 def test_two_trials_write_trials_csv_and_the_best_command(phantoms, tmp_path, capsys):
     pytest.importorskip("optuna")
     out = tmp_path / "handbone"
