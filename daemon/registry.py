@@ -63,15 +63,19 @@ def _select_folds(card: dict[str, Any], fold: int | None) -> list[int]:
     """Indices of the card's fold entries to load: all (ensemble) or those of ``--fold``.
 
     An entry's fold number is its ``fold`` field (a card with several models per fold, like
-    scar's image/clinical/combined, has several entries per fold), else its position.
+    scar's image/clinical/combined, has several entries per fold), else its position. Entries
+    marked ``shared`` (brixia's segmenter and STN, trained in their own folds) serve every fold
+    and are always loaded.
     """
     numbers = [entry.get("fold", index) for index, entry in enumerate(card["folds"])]
     if fold is None:
         return list(range(len(numbers)))
-    chosen = [index for index, number in enumerate(numbers) if number == fold]
+    shared = [index for index, entry in enumerate(card["folds"]) if entry.get("shared")]
+    chosen = [index for index, number in enumerate(numbers) if number == fold and index not in shared]
     if not chosen:
-        raise cards.CardError(f"--fold {fold} asked for, but the card has folds {sorted(set(numbers))}")
-    return chosen
+        own = sorted({number for index, number in enumerate(numbers) if index not in shared})
+        raise cards.CardError(f"--fold {fold} asked for, but the card has folds {own}")
+    return sorted(shared + chosen)
 
 
 def _load_card_folder(folder: Path, settings: Settings) -> TaskHandler:

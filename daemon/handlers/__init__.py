@@ -7,6 +7,7 @@ HANDLERS = {
     "osteo": "daemon.handlers.osteo:OsteoHandler",
     "scar": "daemon.handlers.scar:ScarHandler",
     "handbone": "daemon.handlers.handbone:HandboneHandler",
+    "brixia": "daemon.handlers.brixia:BrixiaHandler",
 }
 
 

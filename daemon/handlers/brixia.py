@@ -1,0 +1,260 @@
+"""Brixia handler: frontal chest X-ray -> six region scores A-F (0-3), global score, masks, overlay, per-region Grad-CAM.
+
+The steps are ``tasks.brixia``'s, as the trainer ran them: fit to the card's frame, segment
+lungs and heart (mean sigmoid of the card's segmenter folds), keep the largest piece of each,
+align (the card's STN, else the mask-derived affine; request ``alignment``: ``auto`` | ``masks``
+| ``none``), cut regions A-F on the aligned lungs, score with every scorer fold (mean
+probability). Grad-CAM per region: the gradient of that region head's predicted score with
+respect to the trunk's last feature map; since the heads only pool that map, one forward per
+fold gives all six maps (pytorch-grad-cam would run six forward+backward passes).
+
+Outputs, all at the input's own size: ``mask_img_path`` (palette PNG: 0 background, 1 right
+lung, 2 left lung, 3 heart), ``overlay_img_path`` (structure outlines, regions and their scores
+on the X-ray), ``cam_img_paths`` (one heat overlay per region; request ``cams: false`` skips
+them). A film on which no two lungs are found is a fail reply (``unreadable_image``): scoring
+it would be a number without meaning.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from daemon import explain
+from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
+from daemon.handlers.base import Job, TaskHandler
+from daemon.outputs import output_stem, timestamp, write_bytes, write_png
+from tasks import brixia
+from tasks.cards import CardError
+from tasks.frames import Geometry, masks_at_input, probabilities_at_input
+
+ALIGNMENTS = ("auto", "masks", "none")
+STRUCTURE_COLOURS = {"right_lung": (40, 140, 255), "left_lung": (60, 220, 90), "heart": (255, 60, 60)}
+SCORE_COLOURS = [(120, 200, 120), (255, 220, 0), (255, 140, 0), (230, 30, 30)]   # 0..3
+MODELS = ("seg", "stn", "score")
+
+
+@dataclass
+class FoldModel:
+    model: str                       # seg, stn or score
+    fold: int
+    network: torch.nn.Module
+
+
+@dataclass
+class Prepared:
+    tensor: torch.Tensor             # (1, S, S) normalised frame
+    frame: np.ndarray                # (S, S) uint8 frame
+    geometry: Geometry
+    gray: np.ndarray                 # the input as read
+    alignment: str
+    cams: bool
+
+
+@dataclass
+class Inferred:
+    masks: np.ndarray                # (3, S, S) bool, unaligned frame
+    theta: np.ndarray                # (2, 3)
+    method: str                      # stn, masks or identity
+    probabilities: np.ndarray        # (6, 4)
+    cams: np.ndarray | None          # (6, S, S) in [0, 1], unaligned frame
+    regions: np.ndarray              # (6, S, S) bool, aligned frame
+
+
+class BrixiaHandler(TaskHandler):
+    task = "brixia"
+    fields = frozenset({"img_path", "destination_path", "alignment", "cams"})
+
+    @classmethod
+    def build_networks(cls, card, entries, state_dicts, device):
+        builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "score": brixia.build_scorer}
+        fold_models = []
+        for entry, state in zip(entries, state_dicts):
+            model = entry.get("model")
+            if model not in builders:
+                raise CardError(f"brixia fold entry {entry['file']} needs 'model': one of {', '.join(MODELS)}")
+            record = (card.get("architecture") or {}).get(model)
+            if not record:
+                raise CardError(f"the brixia card lists {entry['file']} as {model} but has no architecture.{model}")
+            network = builders[model](record)
+            network.load_state_dict(state, strict=True)
+            network.eval().to(device)
+            for parameter in network.parameters():
+                parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
+            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network))
+        for needed in ("seg", "score"):
+            if not any(f.model == needed for f in fold_models):
+                raise CardError(f"the brixia card has no {needed} model")
+        return fold_models
+
+    def of(self, model: str) -> list[torch.nn.Module]:
+        return [fold.network for fold in self.networks if fold.model == model]
+
+    def warm_up(self) -> None:
+        size = int(self.card["input"]["size"][0])
+        frame = np.zeros((size, size), np.uint8)
+        cv2.ellipse(frame, (size * 3 // 10, size // 2), (size // 8, size // 4), 0, 0, 360, 255, -1)
+        tensor, frame, geometry = brixia.preprocess(frame, self.card["input"])
+        self.infer([Prepared(tensor, frame, geometry, frame, "masks", True)], require_lungs=False)
+        explain.heat_rgba(np.zeros((2, 2), np.float32))   # matplotlib's import, paid now
+
+    # --- the four steps --------------------------------------------------------------------
+    def validate(self, request: dict[str, Any]) -> Job:
+        job = self.image_job(request)
+        alignment = request.get("alignment", "auto")
+        if alignment not in ALIGNMENTS:
+            raise ServiceError(INVALID_REQUEST, f"'alignment' must be one of {', '.join(ALIGNMENTS)} (got {alignment!r})")
+        cams = request.get("cams", True)
+        if not isinstance(cams, bool):
+            raise ServiceError(INVALID_REQUEST, f"'cams' must be true or false (got {cams!r})")
+        job.options.update(alignment=alignment, cams=cams)
+        return job
+
+    def preprocess(self, job: Job) -> Prepared:
+        gray = self.read_input(job.options["img_path"], color="gray")
+        tensor, frame, geometry = brixia.preprocess(gray, self.card["input"])
+        return Prepared(tensor, frame, geometry, gray, job.options["alignment"], job.options["cams"])
+
+    def infer(self, batch: list[Prepared], require_lungs: bool = True) -> list[Inferred | ServiceError]:
+        device = self.settings.device
+        inputs = torch.stack([item.tensor for item in batch]).to(device)
+        with torch.inference_mode(), self.autocast():
+            probabilities = brixia.segment(self.of("seg"), inputs).cpu().numpy()
+        masks = [brixia.clean_masks(p) for p in probabilities]
+        aligned = [None] * len(batch)
+        for method in {item.alignment for item in batch}:
+            rows = [k for k, item in enumerate(batch) if item.alignment == method]
+            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.of("stn"), device, method)):
+                aligned[k] = result
+        results: list[Inferred | ServiceError | None] = [None] * len(batch)
+        packed, regions, keep = [], [], []
+        for k, item in enumerate(batch):
+            theta, _ = aligned[k]
+            sample, aligned_masks = brixia.aligned_sample(item.frame, masks[k], theta)
+            if require_lungs and not (sample[1:4].any() and sample[4:7].any()):
+                results[k] = ServiceError(UNREADABLE_IMAGE, "no right and left lung found in the image: brixia "
+                                                            "scores frontal chest X-rays (PA/AP)")
+                continue
+            packed.append(brixia.scorer_input(sample, self.card["input"]))
+            regions.append(sample[1:].astype(bool))
+            keep.append(k)
+        if keep:
+            scores, cams = self._score(torch.stack(packed).to(device), [batch[k].cams for k in keep])
+            for row, k in enumerate(keep):
+                theta, method = aligned[k]
+                cam = None
+                if cams is not None and batch[k].cams:
+                    cam = brixia.warp_array(cams[row], brixia.invert_theta(theta))   # back to the unaligned frame
+                results[k] = Inferred(masks[k], theta, method, scores[row], cam, regions[row])
+        return results  # type: ignore[return-value]
+
+    def _score(self, inputs: torch.Tensor, want_cams: list[bool]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean probabilities (B, 6, 4) over the scorer folds and, when asked, Grad-CAM (B, 6, S, S)."""
+        features, logits = [], []
+        for network in self.of("score"):
+            with torch.inference_mode(), self.autocast():
+                trunk = network.features(inputs)
+            with torch.enable_grad(), self.autocast():
+                feature = trunk.clone().requires_grad_(any(want_cams))
+                logits.append(network.head_logits(feature, inputs[:, network.in_chans:]))
+            features.append(feature)
+        probabilities = torch.stack([torch.softmax(out.float(), dim=-1) for out in logits]).mean(0)
+        if not any(want_cams):
+            return probabilities.detach().cpu().numpy(), None
+        predicted = probabilities.argmax(-1)                                   # (B, 6)
+        size = inputs.shape[-2:]
+        cams = torch.zeros(inputs.shape[0], len(brixia.REGIONS), *size)
+        for feature, out in zip(features, logits):
+            for r in range(len(brixia.REGIONS)):
+                target = out[:, r].float().gather(1, predicted[:, r:r + 1]).sum()
+                (grad,) = torch.autograd.grad(target, feature, retain_graph=r < len(brixia.REGIONS) - 1)
+                weights = grad.float().mean((-2, -1), keepdim=True)
+                cam = F.relu((weights * feature.detach().float()).sum(1, keepdim=True))
+                cams[:, r] += F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+        flat = cams.flatten(2)
+        low, high = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
+        cams = torch.where(high > low, (cams - low) / (high - low).clamp_min(1e-12), torch.zeros_like(cams))
+        return probabilities.detach().cpu().numpy(), cams.numpy()
+
+    def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred | ServiceError) -> dict[str, Any]:
+        if isinstance(inferred, ServiceError):
+            raise inferred
+        scores = inferred.probabilities.argmax(-1)
+        region_scores = {region: int(s) for region, s in zip(brixia.REGIONS, scores)}
+        geometry, folder, stamp = prepared.geometry, job.options["folder"], timestamp()
+        stem = output_stem(job.options["img_path"])
+        masks = masks_at_input(inferred.masks.astype(np.float32), geometry)
+        mask_path = write_bytes(folder, f"{stem}_mask_{stamp}", ".png", label_palette_png(brixia.label_map(masks)))
+        regions = self.regions_at_input(inferred, geometry)
+        overlay = region_overlay(prepared.gray, masks, regions, scores)
+        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
+        cam_paths = None
+        if inferred.cams is not None:
+            cams = probabilities_at_input(inferred.cams, geometry)
+            cam_paths = {region: str(write_png(folder, f"{stem}_cam{region}_{stamp}",
+                                               explain.heat_overlay(prepared.gray, cams[r])))
+                         for r, region in enumerate(brixia.REGIONS)}
+        return {
+            "region_scores": region_scores,
+            "global_score": int(scores.sum()),
+            "probabilities": {region: [round(float(p), 6) for p in inferred.probabilities[r]]
+                              for r, region in enumerate(brixia.REGIONS)},
+            "expected_global_score": round(float((inferred.probabilities * np.arange(4)).sum()), 3),
+            "mask_img_path": str(mask_path),
+            "overlay_img_path": str(overlay_path),
+            "cam_img_paths": cam_paths,
+            "alignment": inferred.method,
+            "image_size": [int(prepared.gray.shape[0]), int(prepared.gray.shape[1])],
+        }
+
+    @staticmethod
+    def regions_at_input(inferred: Inferred, geometry: Geometry) -> np.ndarray:
+        """Aligned-frame regions -> (6, H, W) bool at the input's size, through the inverse alignment."""
+        back = brixia.warp_array(inferred.regions.astype(np.float32), brixia.invert_theta(inferred.theta))
+        return masks_at_input(back, geometry)
+
+
+def label_palette_png(labels: np.ndarray) -> bytes:
+    """uint8 labels 0-3 as palette PNG bytes: the pixel values are the labels, viewers show colours."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="L")
+    palette = [0, 0, 0, *STRUCTURE_COLOURS["right_lung"], *STRUCTURE_COLOURS["left_lung"], *STRUCTURE_COLOURS["heart"]]
+    image.putpalette(palette + [0] * (768 - len(palette)))   # L -> P, pixel values kept
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def region_overlay(gray: np.ndarray, masks: np.ndarray, regions: np.ndarray, scores: np.ndarray,
+                   alpha: float = 0.25) -> np.ndarray:
+    """RGB X-ray with each region tinted by its score's colour and labelled ``A:2``, lungs and heart outlined."""
+    image = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
+    height, width = gray.shape
+    line = max(1, round(min(height, width) / 300))
+    for region, score in zip(regions, scores):
+        image[region] = image[region] * (1 - alpha) + np.array(SCORE_COLOURS[int(score)], np.float32) * alpha
+    overlay = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    for mask, name in zip(masks, brixia.STRUCTURES):
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(overlay, contours, -1, STRUCTURE_COLOURS[name], line, lineType=cv2.LINE_AA)
+    scale = max(0.4, min(height, width) / 700)
+    thickness = max(1, round(scale * 2))
+    for region, letter, score in zip(regions, brixia.REGIONS, scores):
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(overlay, contours, -1, (255, 255, 255), max(1, line // 2), lineType=cv2.LINE_AA)
+        if not region.any():
+            continue
+        rows, cols = np.nonzero(region)
+        text = f"{letter}:{int(score)}"
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        x, y = int(cols.mean()) - w // 2, int(rows.mean()) + h // 2
+        cv2.putText(overlay, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(overlay, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, SCORE_COLOURS[int(score)], thickness,
+                    cv2.LINE_AA)
+    return overlay

@@ -1,0 +1,478 @@
+"""Brixia chest X-ray severity (seed 002): metadata, segmentation, alignment, regions A-F and the region scorer.
+
+The pipeline the paper describes and its released code left out, here in one place so the
+trainer and the daemon run exactly the same steps:
+
+1. ``preprocess``: gray 8-bit X-ray -> the card's square frame (``tasks.frames``, resize or
+   letterbox; the ``Geometry`` maps every output back to the input's own size) -> tensor.
+2. Segmentation (an smp network, 3 sigmoid channels ``STRUCTURES``: right lung, left lung,
+   heart) -> ``clean_masks`` (threshold, largest component per lung).
+3. Alignment: ``mask_theta`` computes, from the lung masks alone, the affine that brings the
+   lungs upright and onto the canonical box ``CANONICAL_BOX`` (rotation from the line through the
+   two lung centroids, scale and shift from their joint extent). It is the fallback and the
+   training target of ``LungSTN``, a spatial transformer on the two lung masks whose last layer
+   starts at the identity. ``warp`` applies a ``theta`` to image and masks alike.
+4. ``region_masks``: A/B/C = upper/middle/lower third (by height) of the patient's right lung,
+   which is the image's left on a frontal view; D/E/F of the left lung; on the aligned masks.
+5. ``RegionScorer``: a timm ResNet trunk, its features averaged inside each region mask (and over
+   the whole image, for context), one 4-way head per region. Scores 0-3, global = sum 0-18.
+
+Conventions: ``theta`` is a (2, 3) affine in ``torch.nn.functional.affine_grid``'s normalised
+coordinates (-1..1, ``align_corners=False``) mapping an ALIGNED-frame point to the point of the
+unaligned model frame it is sampled from.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.frames import FITS, Geometry, fit_to_model  # noqa: F401  (FITS: the choices a trainer offers)
+
+TASK = "brixia"
+REGIONS = "ABCDEF"
+STRUCTURES = ("right_lung", "left_lung", "heart")
+SCORE_LEVELS = 4                      # each region 0..3
+MAX_GLOBAL = 3 * len(REGIONS)
+# Where the two lungs' joint bounding box lands in the aligned frame (x0, y0, x1, y1), normalised.
+CANONICAL_BOX = (-0.8, -0.8, 0.8, 0.8)
+MIN_LUNG_FRACTION = 0.002             # a lung mask smaller than this share of the frame is "not found"
+MAX_TILT_DEG = 35.0                   # a mask-derived rotation beyond this is distrusted
+
+
+# ---------------------------------------------------------------- metadata (BrixIA CSV)
+
+def parse_brixia_score(value: Any) -> list[int]:
+    """BrixIA ``BrixiaScore`` -> six region scores A..F.
+
+    The CSV stores the six digits ABCDEF; read as a number (as pandas or a spreadsheet will)
+    the leading zeros are lost, so shorter strings are left-padded with zeros: ``12`` ->
+    ``000012`` -> [0, 0, 0, 0, 1, 2].
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
+        value = int(value)
+    text = str(value).strip()
+    if text.endswith(".0"):
+        text = text[:-2]
+    if not text.isdigit() or len(text) > len(REGIONS):
+        raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
+    digits = [int(c) for c in text.zfill(len(REGIONS))]
+    if max(digits) >= SCORE_LEVELS:
+        raise ValueError(f"BrixiaScore {text.zfill(6)!r} has a region score above 3")
+    return digits
+
+
+def read_metadata(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``metadata_global_v2.csv`` (``;``-separated) with ``scores`` parsed and checked.
+
+    Each row keeps the CSV's fields (strings) plus ``scores`` (six ints), ``global`` (int) and
+    ``consensus`` (bool). A row whose ``BrixiaScoreGlobal`` disagrees with the sum of its
+    region scores is an error: a mis-parsed score column would otherwise train silently.
+    """
+    import pandas as pd
+
+    table = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False)
+    missing = {"Filename", "BrixiaScore"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: not a BrixIA metadata CSV (';'-separated); missing column(s) "
+                         f"{', '.join(sorted(missing))}; found {', '.join(table.columns)}")
+    rows = []
+    for number, row in enumerate(table.to_dict("records"), start=2):
+        try:
+            scores = parse_brixia_score(row["BrixiaScore"])
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from None
+        total = sum(scores)
+        stated = str(row.get("BrixiaScoreGlobal", "")).strip()
+        if stated and int(float(stated)) != total:
+            raise ValueError(f"{path} line {number}: BrixiaScoreGlobal {stated} is not the sum of "
+                             f"BrixiaScore {''.join(map(str, scores))} ({total})")
+        consensus = str(row.get("ConsensusTestset", "0")).strip().lower() in ("1", "true", "yes")
+        rows.append({**row, "scores": scores, "global": total, "consensus": consensus})
+    return rows
+
+
+def read_consensus(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``metadata_consensus_v1.csv`` -> {Filename: {"mode": [6 ints], "mean": [6 floats]}}."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False)
+    needed = {"Filename"} | {f"Mode{r}" for r in REGIONS} | {f"Mean{r}" for r in REGIONS}
+    missing = needed - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: not a BrixIA consensus CSV; missing {', '.join(sorted(missing))}")
+    return {row["Filename"]: {"mode": [int(float(row[f"Mode{r}"])) for r in REGIONS],
+                              "mean": [float(row[f"Mean{r}"]) for r in REGIONS]}
+            for row in table.to_dict("records")}
+
+
+def resolve_image(folder: str | Path, filename: str) -> Path | None:
+    """The image file of a metadata ``Filename`` under ``folder``: as named (DICOM), else the same
+    stem as PNG/JPEG (the seed converted the DICOMs to PNG), else None."""
+    folder = Path(folder)
+    named = folder / filename
+    if named.is_file():
+        return named
+    stem = Path(filename).stem
+    for suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"):
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------- card records
+
+def default_input_spec(size: int = 512, fit: str = "resize") -> dict[str, Any]:
+    """The card's ``input`` record: square frame for every stage, fit, single-channel normalisation."""
+    if fit not in FITS:
+        raise ValueError(f"input fit must be one of {', '.join(FITS)}, not {fit!r}")
+    return {"size": [int(size), int(size)], "fit": fit, "channels": 1, "color": "gray",
+            "mean": [0.5], "std": [0.25], "pad_value": 0}
+
+
+def default_segmenter(arch: str = "Unet", encoder: str = "resnet34", **options: Any) -> dict[str, Any]:
+    """Architecture record of the lung/heart segmenter (smp; three sigmoid channels)."""
+    return {"name": "smp", "arch": arch, "encoder": encoder, "in_channels": 1, "classes": len(STRUCTURES),
+            "options": {k: v for k, v in options.items() if v is not None}}
+
+
+def default_stn(size: int = 128, channels: Sequence[int] = (16, 32, 64, 64)) -> dict[str, Any]:
+    """Architecture record of the lung-mask spatial transformer."""
+    return {"name": "lung-stn", "size": int(size), "channels": [int(c) for c in channels]}
+
+
+def default_scorer(backbone: str = "resnet34", stage: int = 4, dropout: float = 0.2) -> dict[str, Any]:
+    """Architecture record of the region scorer: timm trunk up to ``stage`` (4 = the whole ResNet)."""
+    return {"name": "region-scorer", "backbone": backbone, "stage": int(stage), "in_chans": 1,
+            "dropout": float(dropout), "regions": len(REGIONS), "levels": SCORE_LEVELS}
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def to_tensor(frame: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
+    """uint8 (S, S) -> normalised float tensor (1, S, S): the only normalisation there is."""
+    x = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32) / 255.0)[None]
+    return (x - float(input_spec["mean"][0])) / float(input_spec["std"][0])
+
+
+def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, Geometry]:
+    """8-bit gray X-ray -> (network input (1, S, S), the uint8 frame, Geometry back to the input)."""
+    frame, geometry = fit_to_model(gray, input_spec)
+    return to_tensor(frame, input_spec), frame, geometry
+
+
+# ---------------------------------------------------------------- segmentation
+
+def build_segmenter(architecture: dict[str, Any], encoder_weights: str | None = None) -> nn.Module:
+    """The smp lung/heart segmenter of a card record (``encoder_weights`` for training only)."""
+    import segmentation_models_pytorch as smp
+
+    options = dict(architecture.get("options") or {})
+    if "decoder_channels" in options:
+        options["decoder_channels"] = tuple(options["decoder_channels"])
+    try:
+        return smp.create_model(architecture["arch"], encoder_name=architecture["encoder"],
+                                encoder_weights=encoder_weights, in_channels=int(architecture["in_channels"]),
+                                classes=int(architecture["classes"]), **options)
+    except Exception as exc:
+        if encoder_weights is None:
+            raise
+        raise RuntimeError(f"cannot load {encoder_weights} weights for encoder {architecture['encoder']!r} "
+                           f"({type(exc).__name__}: {exc}); they are downloaded on first use (needs internet "
+                           "or a filled cache). Train from scratch with --encoder-weights none") from exc
+
+
+def segment(networks: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
+    """Mean sigmoid over the segmenters: (B, 1, S, S) -> (B, 3, S, S). No flip averaging: a flip
+    would swap the right and left lung."""
+    total = None
+    for network in networks:
+        probabilities = torch.sigmoid(network(inputs).float())
+        total = probabilities if total is None else total + probabilities
+    return total / len(networks)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected piece of a bool mask (specks and stray blobs removed)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask.astype(bool)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == biggest
+
+
+def clean_masks(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(3, S, S) probabilities -> (3, S, S) bool masks; each lung and the heart keep their largest piece."""
+    return np.stack([largest_component(channel > threshold) for channel in probabilities])
+
+
+def label_map(masks: np.ndarray) -> np.ndarray:
+    """(3, H, W) bool -> uint8 label image: 0 background, 1 right lung, 2 left lung, 3 heart (on top)."""
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for value, mask in enumerate(masks, start=1):
+        labels[mask] = value
+    return labels
+
+
+# ---------------------------------------------------------------- alignment
+
+def _normalised_points(mask: np.ndarray) -> np.ndarray:
+    """(N, 2) pixel centres of a mask as normalised (x, y) in -1..1 (align_corners=False)."""
+    rows, cols = np.nonzero(mask)
+    height, width = mask.shape
+    return np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=1).astype(np.float64)
+
+
+def mask_theta(right_lung: np.ndarray, left_lung: np.ndarray) -> np.ndarray | None:
+    """The deterministic alignment from two lung masks, or None when they cannot be trusted.
+
+    Rotation: the line through the two lung centroids becomes horizontal. Scale and shift: the
+    lungs' joint extent in that rotated frame (0.5th-99.5th percentile, so a stray pixel does
+    not stretch it) is mapped onto ``CANONICAL_BOX``. Returns ``theta`` (2, 3) float32.
+    """
+    area = right_lung.size
+    if right_lung.sum() < MIN_LUNG_FRACTION * area or left_lung.sum() < MIN_LUNG_FRACTION * area:
+        return None
+    right, left = _normalised_points(right_lung), _normalised_points(left_lung)
+    dx, dy = left.mean(axis=0) - right.mean(axis=0)
+    if dx <= 0:
+        return None                                  # the "right" lung is not on the image's left
+    angle = math.atan2(dy, dx)
+    if abs(math.degrees(angle)) > MAX_TILT_DEG:
+        return None
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotate_back = np.array([[cos, sin], [-sin, cos]])        # R(-angle): image -> upright
+    upright = np.concatenate([right, left]) @ rotate_back.T
+    (x0, y0), (x1, y1) = np.percentile(upright, 0.5, axis=0), np.percentile(upright, 99.5, axis=0)
+    if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
+        return None
+    bx0, by0, bx1, by1 = CANONICAL_BOX
+    sx, sy = (x1 - x0) / (bx1 - bx0), (y1 - y0) / (by1 - by0)
+    scale_shift = np.array([[sx, 0.0, x0 - bx0 * sx], [0.0, sy, y0 - by0 * sy]])
+    rotate = np.array([[cos, -sin], [sin, cos]])              # R(angle): upright -> image
+    return (rotate @ scale_shift).astype(np.float32)
+
+
+def identity_theta() -> np.ndarray:
+    return np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32)
+
+
+def invert_theta(theta: np.ndarray) -> np.ndarray:
+    """The affine that undoes ``theta`` (maps unaligned-frame points to aligned ones)."""
+    full = np.vstack([np.asarray(theta, dtype=np.float64), [0.0, 0.0, 1.0]])
+    return np.linalg.inv(full)[:2].astype(np.float32)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample (B, C, S, S) ``images`` on the aligned grid of ``theta`` (B, 2, 3); outside is 0."""
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def warp_array(array: np.ndarray, theta: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+    """``warp`` for one (C, S, S) or (S, S) numpy array (bool in, bool out with ``nearest``)."""
+    squeeze = array.ndim == 2
+    tensor = torch.from_numpy(np.ascontiguousarray(array[None] if squeeze else array, dtype=np.float32))[None]
+    out = warp(tensor, torch.from_numpy(np.asarray(theta, dtype=np.float32))[None], mode=mode)[0].numpy()
+    out = out[0] if squeeze else out
+    return out > 0.5 if array.dtype == bool else out
+
+
+class LungSTN(nn.Module):
+    """Spatial transformer localisation net: two lung masks (B, 2, s, s) -> theta (B, 2, 3).
+
+    Conv-ReLU-pool blocks, global average pooling and a linear layer whose weights start at zero
+    and bias at the identity, so an untrained STN leaves the image as it is (the seed's STN had
+    the same start but no activations and a 312,500-wide linear layer).
+    """
+
+    def __init__(self, size: int = 128, channels: Sequence[int] = (16, 32, 64, 64)):
+        super().__init__()
+        self.size = int(size)
+        layers, previous = [], 2
+        for width in channels:
+            layers += [nn.Conv2d(previous, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.regress = nn.Sequential(nn.Flatten(), nn.Linear(previous * 16, 64), nn.ReLU(inplace=True),
+                                     nn.Linear(64, 6))
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        nn.init.zeros_(self.regress[-1].weight)
+        with torch.no_grad():
+            self.regress[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0]))
+
+    def forward(self, lungs: torch.Tensor) -> torch.Tensor:
+        if lungs.shape[-1] != self.size or lungs.shape[-2] != self.size:
+            lungs = F.interpolate(lungs, size=(self.size, self.size), mode="area")
+        return self.regress(self.pool(self.features(lungs))).view(-1, 2, 3)
+
+
+def build_stn(architecture: dict[str, Any]) -> LungSTN:
+    return LungSTN(size=architecture.get("size", 128), channels=architecture.get("channels", (16, 32, 64, 64)))
+
+
+def stn_input(masks: np.ndarray, size: int) -> torch.Tensor:
+    """(3, S, S) bool masks -> the STN's input (2, s, s): the two lung masks, area-resized."""
+    lungs = torch.from_numpy(np.ascontiguousarray(masks[:2], dtype=np.float32))[None]
+    return F.interpolate(lungs, size=(size, size), mode="area")[0]
+
+
+def plausible_theta(theta: np.ndarray) -> bool:
+    """An STN output is used only if it is a sane, invertible, non-mirroring affine."""
+    linear = np.asarray(theta, dtype=np.float64)[:, :2]
+    det = float(np.linalg.det(linear))
+    return bool(np.isfinite(theta).all() and 0.05 < det < 4.0 and np.abs(theta[:, 2]).max() < 1.0)
+
+
+# ---------------------------------------------------------------- regions
+
+def lung_thirds(lung: np.ndarray) -> np.ndarray:
+    """(3, H, W) bool: the upper, middle and lower third (by height) of one aligned lung mask."""
+    thirds = np.zeros((3,) + lung.shape, dtype=bool)
+    rows = np.flatnonzero(lung.any(axis=1))
+    if len(rows) == 0:
+        return thirds
+    top, bottom = rows[0], rows[-1] + 1
+    cuts = [top + round(k * (bottom - top) / 3) for k in range(4)]
+    for k in range(3):
+        thirds[k, cuts[k]:cuts[k + 1]] = lung[cuts[k]:cuts[k + 1]]
+    return thirds
+
+
+def region_masks(masks: np.ndarray) -> np.ndarray:
+    """Aligned (3, S, S) structure masks -> (6, S, S) bool regions A-F.
+
+    A/B/C: upper/middle/lower third of the right lung (image left); D/E/F: of the left lung.
+    """
+    return np.concatenate([lung_thirds(masks[0]), lung_thirds(masks[1])])
+
+
+# ---------------------------------------------------------------- scorer
+
+class RegionScorer(nn.Module):
+    """Aligned X-ray + six region masks -> (B, 6, 4) score logits.
+
+    Input is one tensor (B, 1 + 6, S, S): channel 0 the normalised aligned image, channels 1-6
+    the region masks A-F (packed so that the k-fold trainer moves one tensor per batch). A timm
+    trunk (``features_only``) gives a feature map; each region's features are averaged inside its
+    mask and joined with the whole-image average; one linear 4-way head per region.
+    """
+
+    def __init__(self, backbone: str = "resnet34", stage: int = 4, in_chans: int = 1, dropout: float = 0.2,
+                 regions: int = len(REGIONS), levels: int = SCORE_LEVELS, pretrained: bool = False):
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model(backbone, pretrained=pretrained, features_only=True,
+                                       out_indices=(int(stage),), in_chans=int(in_chans))
+        channels = self.trunk.feature_info.channels()[-1]
+        self.in_chans, self.regions = int(in_chans), int(regions)
+        self.dropout = nn.Dropout(float(dropout))
+        self.heads = nn.ModuleList([nn.Linear(2 * channels, levels) for _ in range(regions)])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map of the image channel(s) of a packed input."""
+        return self.trunk(x[:, :self.in_chans])[-1]
+
+    def head_logits(self, features: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features, (B, 6, S, S) region masks -> (B, 6, 4) logits."""
+        weights = F.adaptive_avg_pool2d(regions.to(features.dtype), features.shape[-2:])   # share of each cell
+        pooled = torch.einsum("brhw,bchw->brc", weights, features) / weights.sum((-2, -1))[..., None].clamp_min(1e-6)
+        context = features.mean((-2, -1))
+        logits = [head(self.dropout(torch.cat([pooled[:, r], context], dim=1))) for r, head in enumerate(self.heads)]
+        return torch.stack(logits, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.features(x), x[:, self.in_chans:])
+
+
+def build_scorer(architecture: dict[str, Any], pretrained: bool = False) -> RegionScorer:
+    """The region scorer of a card record (``pretrained`` downloads timm weights: training only)."""
+    return RegionScorer(backbone=architecture.get("backbone", "resnet34"), stage=architecture.get("stage", 4),
+                        in_chans=architecture.get("in_chans", 1), dropout=architecture.get("dropout", 0.2),
+                        regions=architecture.get("regions", len(REGIONS)),
+                        levels=architecture.get("levels", SCORE_LEVELS), pretrained=pretrained)
+
+
+def pack_scorer_sample(aligned_frame: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Aligned uint8 frame (S, S) + (6, S, S) regions -> one compact uint8 (7, S, S) array (cacheable)."""
+    return np.concatenate([aligned_frame[None], regions.astype(np.uint8)])
+
+
+def scorer_input(packed: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
+    """A packed (7, S, S) uint8 sample -> the scorer's float input (7, S, S): normalised image, 0/1 regions."""
+    image = to_tensor(packed[0], input_spec)
+    return torch.cat([image, torch.from_numpy(np.ascontiguousarray(packed[1:], dtype=np.float32))])
+
+
+def expected_scores(probabilities: torch.Tensor) -> torch.Tensor:
+    """(..., 4) probabilities -> expected score per region (0..3)."""
+    return (probabilities * torch.arange(probabilities.shape[-1], device=probabilities.device,
+                                         dtype=probabilities.dtype)).sum(-1)
+
+
+class RegionLoss(nn.Module):
+    """Mean cross-entropy over the six regions, on logits (the seed applied softmax twice), plus
+    ``ordinal_weight`` x mean |expected score - true score| (rewards near misses over far ones)."""
+
+    def __init__(self, ordinal_weight: float = 0.0):
+        super().__init__()
+        self.ordinal_weight = float(ordinal_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.long()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.ordinal_weight:
+            expected = expected_scores(torch.softmax(logits, dim=-1))
+            loss = loss + self.ordinal_weight * (expected - targets.float()).abs().mean()
+        return loss
+
+
+# ---------------------------------------------------------------- the whole pipeline on a batch
+
+def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, device: torch.device,
+                method: str = "auto") -> list[tuple[np.ndarray, str]]:
+    """A theta and the method that gave it for each (3, S, S) mask set.
+
+    ``auto``: the STN (mean theta over the card's STNs) when the card has one and its theta is
+    plausible, else the mask-derived affine, else the identity (lungs not found). ``masks``: the
+    mask-derived affine. ``none``: identity.
+    """
+    masks = list(masks)
+    results: list[tuple[np.ndarray, str] | None] = [None] * len(masks)
+    if method == "none":
+        return [(identity_theta(), "identity") for _ in masks]
+    if method == "auto" and stn:
+        size = stn[0].size
+        inputs = torch.stack([stn_input(m, size) for m in masks]).to(device)
+        with torch.no_grad():
+            thetas = torch.stack([network(inputs).float() for network in stn]).mean(0).cpu().numpy()
+        for k, (theta, mask) in enumerate(zip(thetas, masks)):
+            found = mask[0].sum() >= MIN_LUNG_FRACTION * mask[0].size and mask[1].sum() >= MIN_LUNG_FRACTION * mask[1].size
+            if found and plausible_theta(theta):
+                results[k] = (theta.astype(np.float32), "stn")
+    for k, mask in enumerate(masks):
+        if results[k] is None:
+            theta = mask_theta(mask[0], mask[1])
+            results[k] = (theta, "masks") if theta is not None else (identity_theta(), "identity")
+    return results  # type: ignore[return-value]
+
+
+def aligned_sample(frame: np.ndarray, masks: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warp the uint8 frame (S, S) and (3, S, S) masks with ``theta`` -> (packed scorer sample (7, S, S)
+    uint8, aligned masks (3, S, S)). Outside the original frame is black, as an X-ray's border."""
+    aligned_frame = np.clip(np.rint(warp_array(frame.astype(np.float32), theta)), 0, 255).astype(np.uint8)
+    aligned_masks = warp_array(masks, theta, mode="nearest")
+    return pack_scorer_sample(aligned_frame, region_masks(aligned_masks)), aligned_masks

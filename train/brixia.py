@@ -1,0 +1,404 @@
+"""Train the Brixia pipeline in three stages; the last one writes the card the daemon serves.
+
+    python -m train.brixia seg IMAGES MASKS --out runs/brixia_seg [--arch unet --encoder resnet34 --size 512]
+    python -m train.brixia stn MASKS --out runs/brixia_stn [--size 512 --stn-size 128]
+    python -m train.brixia score DATA --metadata metadata_global_v2.csv [--consensus metadata_consensus_v1.csv] \\
+        --seg runs/brixia_seg [--stn runs/brixia_stn] --out weights/brixia [--backbone resnet34]
+    torchrun --nproc_per_node=N -m train.brixia <stage> ...                          # DDP, any stage
+
+``seg``: lung/heart segmentation (smp, three sigmoid channels right lung / left lung / heart)
+from one folder of images and one folder of masks per structure (``MASKS/right_lung``,
+``MASKS/left_lung``, ``MASKS/heart``, or the usual variants: see ``train/brixia_data.py``);
+k-fold, BCE + Dice, best epoch by mean Dice. ``stn``: the spatial transformer that aligns the
+lungs, trained on the same masks posed by random affines, with the mask-derived affine of
+``tasks.brixia.mask_theta`` as its target (no hand registration). ``score``: the region scorer
+on BrixIA (``;``-separated metadata, ``BrixiaScore`` left-padded to six digits; images as
+DICOM or converted PNG under DATA, DATA/images or DATA/dicom_clean): every image goes through
+the trained segmenter and alignment once (cached), then a ResNet with one 4-way head per region
+is trained with patient-grouped (``Subject``) stratified k-fold; the consensus images are held
+out and scored at the end against ModeA-F and MeanA-F. The score card bundles the segmenter and
+STN folds, so ``weights/brixia`` is all the daemon needs.
+
+Differences from the seed, on purpose: CE on logits (the seed applied softmax twice), k-fold
+grouped by patient (the seed: one random split), a global score (sum) with MAE and
+correlations, a working STN target, no HybridGNet (GPL, torch_geometric).
+
+Demo weights (synthetic phantoms; the cards record time and metrics):
+
+    python -m train.synthetic brixia /tmp/bx --n 160 --size 256 256 --seed 1
+    python -m train.brixia seg /tmp/bx/images /tmp/bx/masks --out /tmp/bx_seg --size 128 --arch unet \\
+        --encoder tu-resnet10t --encoder-depth 4 --decoder-channels 32 24 16 8 --folds 2 --epochs 12 \\
+        --batch-size 8 --lr 3e-3 --half --demo
+    python -m train.brixia stn /tmp/bx/masks --out /tmp/bx_stn --size 128 --stn-size 64 --folds 2 --epochs 12 \\
+        --batch-size 16 --lr 2e-3 --half --demo
+    python -m train.brixia score /tmp/bx --metadata /tmp/bx/metadata_global_v2.csv \\
+        --consensus /tmp/bx/metadata_consensus_v1.csv --seg /tmp/bx_seg --stn /tmp/bx_stn --out weights/brixia \\
+        --backbone resnet10t --stage 3 --folds 2 --epochs 25 --batch-size 8 --lr 2e-3 --half --demo
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks import brixia, cards
+from tasks.weights import load_state_dict
+from train.cache import PreprocessCache
+from train.common import TrainTask, add_training_arguments, run_kfold
+from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
+from train.brixia_data import (ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
+                               read_gray, seg_sample)
+from train.brixia_metrics import (consensus_metrics, plot_score_report, plot_seg_report, score_metrics,
+                                  score_records, seg_metrics, seg_records, stn_loss, stn_metrics, stn_records)
+from train.handbone_metrics import SegmentationLoss
+from train.metrics import json_safe
+from train.reporting import data_source
+
+STAGES = ("seg", "stn", "score")
+IMAGE_FOLDERS = (".", "images", "dicom_clean", "png")
+
+
+# ---------------------------------------------------------------- arguments
+
+def _common(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    add_training_arguments(parser, **defaults)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.brixia",
+        description="Train the Brixia chest X-ray pipeline: seg (lungs + heart), stn (alignment), score (regions "
+                    "A-F, 0-3 each). Each stage writes a card; the score card bundles the other two and is what "
+                    "the daemon serves. Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.brixia STAGE ...")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    seg = stages.add_parser("seg", help="lung/heart segmentation", formatter_class=fmt,
+                            description="Train the smp lung/heart segmenter (3 sigmoid channels).")
+    seg.add_argument("images", type=Path, help="folder of chest X-rays (PNG/JPEG/DICOM)")
+    seg.add_argument("masks", type=Path, help="folder with one sub-folder of mask PNGs per structure "
+                                              "(right_lung, left_lung, heart), file names as the images")
+    seg.add_argument("--arch", default="Unet", help="smp architecture (Unet, UnetPlusPlus, FPN, ...)")
+    seg.add_argument("--encoder", default="resnet34", help="smp encoder, or timm with the tu- prefix")
+    seg.add_argument("--encoder-weights", default="none", help="'none' or 'imagenet' (downloads: needs internet)")
+    seg.add_argument("--encoder-depth", type=int, default=None, help="encoder stages (3-5; smp default 5)")
+    seg.add_argument("--decoder-channels", type=int, nargs="+", default=None, help="Unet decoder channels")
+    seg.add_argument("--size", type=int, default=512, help="square frame side (every stage uses the seg card's)")
+    seg.add_argument("--fit", default="resize", choices=brixia.FITS, help="stretch to the frame or letterbox")
+    seg.add_argument("--loss", type=float, nargs=3, default=[1.0, 1.0, 0.0], metavar=("BCE", "DICE", "IOU"),
+                     help="weights of BCE, Dice and IoU loss")
+    _common(seg, epochs=40, batch_size=8, lr=1e-3, folds=5)
+
+    stn = stages.add_parser("stn", help="spatial transformer aligning the lungs", formatter_class=fmt,
+                            description="Train the lung STN on posed masks against the mask-derived affine.")
+    stn.add_argument("masks", type=Path, help="the same mask folder as for seg")
+    stn.add_argument("--size", type=int, default=512, help="frame side the masks are brought to (as seg)")
+    stn.add_argument("--fit", default="resize", choices=brixia.FITS, help="as seg")
+    stn.add_argument("--stn-size", type=int, default=128, help="side of the STN's own mask input")
+    stn.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 64], help="conv widths")
+    _common(stn, epochs=30, batch_size=32, lr=1e-3, folds=5)
+
+    score = stages.add_parser("score", help="region scorer; writes the served card", formatter_class=fmt,
+                              description="Train the six-region scorer on BrixIA and bundle seg + stn into its card.")
+    score.add_argument("data", type=Path, help="folder with the images (also looked up in images/, dicom_clean/, png/)")
+    score.add_argument("--metadata", type=Path, required=True, help="metadata_global_v2.csv (';'-separated)")
+    score.add_argument("--consensus", type=Path, default=None,
+                       help="metadata_consensus_v1.csv: ModeA-F/MeanA-F of the held-out consensus images")
+    score.add_argument("--seg", type=Path, required=True, help="folder of the seg stage's card")
+    score.add_argument("--stn", type=Path, default=None,
+                       help="folder of the stn stage's card (without it the mask-derived alignment is served)")
+    score.add_argument("--backbone", default="resnet34", help="timm ResNet (resnet34 as the paper; resnet10t small)")
+    score.add_argument("--stage", dest="trunk_stage", type=int, default=4,
+                       help="last ResNet stage used (4 = all; 3 halves the feature stride and drops most weights)")
+    score.add_argument("--pretrained", action="store_true", help="ImageNet trunk weights from timm (downloads)")
+    score.add_argument("--dropout", type=float, default=0.2, help="dropout before each region head")
+    score.add_argument("--ordinal-weight", type=float, default=0.0,
+                       help="weight of the mean |expected - true score| term added to the cross-entropy")
+    score.add_argument("--cache-dir", type=Path, default=None,
+                       help="keep the segmented+aligned samples here between runs (default: memory only)")
+    _common(score, epochs=50, batch_size=16, lr=1e-3, folds=5)
+    args = parser.parse_args(argv)
+    if getattr(args, "encoder_weights", None) and args.encoder_weights.lower() in ("none", "null", ""):
+        args.encoder_weights = None
+    return args
+
+
+# ---------------------------------------------------------------- stage tasks
+
+def _sampler(compute, cases: list, params: dict[str, Any], key) -> callable:
+    cache = PreprocessCache(lambda path: compute(by_key[str(path)]), params)
+    by_key = {str(key(case)): case for case in cases}
+    return lambda index: cache.get(key(cases[index]))
+
+
+def seg_task(args: argparse.Namespace) -> TrainTask:
+    cases = find_mask_cases(args.masks, args.images)
+    input_spec = brixia.default_input_spec(args.size, args.fit)
+    architecture = brixia.default_segmenter(args.arch, args.encoder, encoder_depth=args.encoder_depth,
+                                            decoder_channels=args.decoder_channels)
+    try:
+        brixia.build_segmenter(architecture)
+    except Exception as exc:
+        raise SystemExit(f"cannot build {args.arch} with encoder {args.encoder!r}: {exc}") from exc
+    sample = _sampler(functools.partial(seg_sample, input_spec=input_spec), cases, {"input": input_spec},
+                      key=lambda case: case.image)
+
+    def build() -> torch.nn.Module:
+        try:
+            return brixia.build_segmenter(architecture, encoder_weights=args.encoder_weights)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from exc
+
+    return TrainTask(
+        name="brixia-seg", items=[case.image.name for case in cases], strata=[0] * len(cases),
+        dataset=lambda indices, train: SegSamples(sample, indices, input_spec, train),
+        build_model=build, loss=SegmentationLoss(args.loss), records=seg_records, metrics=seg_metrics,
+        score_key="dice", report=plot_seg_report,
+        make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-5),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
+        card={"task": "brixia-seg", "name": f"brixia-seg-{args.arch.lower()}-{args.encoder}-{args.size}",
+              "architecture": architecture, "input": input_spec, "labels": list(brixia.STRUCTURES),
+              "output": {"activation": "sigmoid", "multilabel": True, "threshold": 0.5},
+              "data": {"images": str(args.images), "masks": str(args.masks), "n_images": len(cases),
+                       "source": data_source(Path(args.images), f"images {args.images}, masks {args.masks}")},
+              "training": {"loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
+                           "optimizer": "AdamW(weight_decay=1e-5)", "scheduler": "cosine",
+                           "augmentation": "rotation +-10, scale 0.9-1.1, shift +-5% (p 0.7), brightness/contrast "
+                                           "(p 0.7); never a horizontal flip (it swaps the lungs)"}},
+    )
+
+
+def stn_task(args: argparse.Namespace) -> TrainTask:
+    cases = find_mask_cases(args.masks)
+    input_spec = brixia.default_input_spec(args.size, args.fit)
+    architecture = brixia.default_stn(args.stn_size, args.channels)
+    sample = _sampler(functools.partial(mask_sample, input_spec=input_spec), cases, {"input": input_spec},
+                      key=lambda case: case.masks[0])
+    return TrainTask(
+        name="brixia-stn", items=[case.stem for case in cases], strata=[0] * len(cases),
+        dataset=lambda indices, train: StnSamples(sample, indices, input_spec, train, stn_size=args.stn_size),
+        build_model=lambda: brixia.build_stn(architecture), loss=stn_loss, records=stn_records,
+        metrics=stn_metrics, score_key="box_iou",
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
+        card={"task": "brixia-stn", "name": f"brixia-stn-{args.stn_size}", "architecture": architecture,
+              "input": input_spec, "labels": ["theta"],
+              "data": {"masks": str(args.masks), "n_images": len(cases)},
+              "training": {"target": "tasks.brixia.mask_theta of the posed masks (canonical box "
+                                     f"{list(brixia.CANONICAL_BOX)})",
+                           "loss": "MSE of theta + MSE of the canonical box corners it places",
+                           "augmentation": "every sample posed: rotation +-20, scale 0.75-1.15, shift +-12%"}},
+    )
+
+
+def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    """A seg or stn card and its fold networks (verified by sha256), in eval mode on ``device``."""
+    try:
+        card = cards.read_card(folder)
+        cards.verify_folds(folder, card)
+    except cards.CardError as exc:
+        raise SystemExit(f"cannot use {folder}: {exc}") from exc
+    if card["task"] != expected_task:
+        raise SystemExit(f"{folder} holds a {card['task']!r} card; expected {expected_task!r} "
+                         f"(run `python -m train.brixia {expected_task.split('-')[1]} ...` first)")
+    build = brixia.build_segmenter if expected_task == "brixia-seg" else brixia.build_stn
+    networks = []
+    for path in cards.fold_paths(folder, card):
+        network = build(card["architecture"])
+        network.load_state_dict(load_state_dict(path), strict=True)
+        networks.append(network.eval().to(device))
+    return card, networks
+
+
+class Pipeline:
+    """Segment -> clean -> align -> regions for training images (the daemon runs the same steps)."""
+
+    def __init__(self, seg_card: dict[str, Any], seg: list[torch.nn.Module], stn: list[torch.nn.Module],
+                 device: torch.device):
+        self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
+        self.methods: dict[str, int] = {}
+
+    @torch.no_grad()
+    def __call__(self, path: Path) -> np.ndarray:
+        tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
+        probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
+        masks = brixia.clean_masks(probabilities)
+        ((theta, method),) = brixia.align_batch([masks], self.stn, self.device)
+        self.methods[method] = self.methods.get(method, 0) + 1
+        packed, _ = brixia.aligned_sample(frame, masks, theta)
+        return packed
+
+
+def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows whose image exists (with ``path`` set), and the Filenames not found."""
+    folders = [data / name for name in IMAGE_FOLDERS if (data / name).is_dir()]
+    found, missing = [], []
+    for row in rows:
+        path = next((p for p in (brixia.resolve_image(f, row["Filename"]) for f in folders) if p is not None), None)
+        if path is None:
+            missing.append(row["Filename"])
+        else:
+            found.append({**row, "path": path})
+    return found, missing
+
+
+def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: Pipeline,
+               rows: list[dict[str, Any]], stage_cards: dict[str, Any]) -> TrainTask:
+    input_spec = pipeline.input_spec
+    architecture = brixia.default_scorer(args.backbone, args.trunk_stage, args.dropout)
+    try:
+        brixia.build_scorer(architecture)
+    except Exception as exc:
+        raise SystemExit(f"cannot build the scorer with backbone {args.backbone!r} stage {args.trunk_stage}: {exc}") from exc
+    params = {"input": input_spec, "seg": [f["sha256"] for f in stage_cards["seg"]["folds"]],
+              "stn": [f["sha256"] for f in stage_cards["stn"]["folds"]] if stage_cards.get("stn") else None,
+              "mask_theta": list(brixia.CANONICAL_BOX)}
+    cache = PreprocessCache(pipeline, params, args.cache_dir)
+    paths = [row["path"] for row in rows]
+    cache.fill(paths, context, desc="segment + align")
+    scores = [row["scores"] for row in rows]
+
+    def build() -> torch.nn.Module:
+        try:
+            return brixia.build_scorer(architecture, pretrained=args.pretrained)
+        except Exception as exc:
+            raise SystemExit(f"cannot build the scorer: {exc}") from exc
+
+    subjects = [row.get("Subject") or row["Filename"] for row in rows]
+    return TrainTask(
+        name=brixia.TASK, items=[row["Filename"] for row in rows],
+        strata=[min(row["global"] // 4, 3) for row in rows], groups=subjects,
+        dataset=lambda indices, train: ScoreSamples(lambda index: cache.get(paths[index]), indices, input_spec, train,
+                                                    scores=scores),
+        build_model=build, loss=brixia.RegionLoss(args.ordinal_weight), records=score_records,
+        metrics=score_metrics, score_key="accuracy", report=plot_score_report,
+        make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
+        card={"task": brixia.TASK,
+              "name": f"brixia-{args.backbone}-s{args.trunk_stage}-{input_spec['size'][0]}",
+              "architecture": {"seg": stage_cards["seg"]["architecture"],
+                               "stn": stage_cards["stn"]["architecture"] if stage_cards.get("stn") else None,
+                               "score": architecture},
+              "input": input_spec, "labels": list(brixia.REGIONS),
+              "output": {"levels": brixia.SCORE_LEVELS, "global": "sum of the six region scores (0-18)",
+                         "alignment": "stn" if stage_cards.get("stn") else "masks",
+                         "canonical_box": list(brixia.CANONICAL_BOX)},
+              "data": {"root": str(args.data), "metadata": str(args.metadata), "n_images": len(rows),
+                       "n_subjects": len(set(subjects)),
+                       "source": data_source(Path(args.data), f"BrixIA-format metadata {args.metadata}")},
+              "training": {"loss": f"mean CE over 6 regions + {args.ordinal_weight:g} * |E[score] - score|",
+                           "optimizer": "AdamW(weight_decay=1e-4)", "scheduler": "cosine",
+                           "folds": "StratifiedGroupKFold by Subject, strata = global score // 4",
+                           "augmentation": "rotation +-5, scale 0.95-1.05, shift +-3% (p 0.6), brightness/contrast "
+                                           "(p 0.7) on the aligned image and regions; no flips",
+                           "alignment_methods": pipeline.methods}},
+    )
+
+
+# ---------------------------------------------------------------- the score card
+
+def _bundle(out: Path, card: dict[str, Any], stage_cards: dict[str, Any], stage_dirs: dict[str, Path]) -> dict[str, Any]:
+    """Copy the seg (and stn) fold files next to the scorer folds and list them in the card."""
+    entries = []
+    for model in ("seg", "stn"):
+        stage = stage_cards.get(model)
+        if stage is None:
+            continue
+        for k, fold in enumerate(stage["folds"]):
+            name = f"{model}_fold{fold.get('fold', k)}.safetensors"
+            shutil.copyfile(stage_dirs[model] / fold["file"], out / name)
+            entries.append({"file": name, "sha256": cards.sha256_file(out / name), "model": model,
+                            "fold": fold.get("fold", k), "shared": True, "metrics": fold.get("metrics")})
+    card["folds"] = entries + [{**fold, "model": "score"} for fold in card["folds"]]
+    card["components"] = {model: {"name": stage["name"], "version": stage["version"],
+                                  "pooled": stage.get("metrics", {}).get("pooled"),
+                                  "command": stage.get("training", {}).get("command")}
+                          for model, stage in stage_cards.items() if stage is not None}
+    return card
+
+
+def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows: list[dict[str, Any]],
+                       consensus: dict[str, dict[str, Any]] | None, device: torch.device) -> dict[str, Any] | None:
+    """Score the held-out consensus images with the mean of the fold scorers."""
+    if not rows:
+        return None
+    networks = []
+    for fold in card["folds"]:
+        if fold.get("model") == "score":
+            network = brixia.build_scorer(card["architecture"]["score"])
+            network.load_state_dict(load_state_dict(out / fold["file"]), strict=True)
+            networks.append(network.eval().to(device))
+    predicted, truth = [], []
+    with torch.no_grad():
+        for row in rows:
+            x = brixia.scorer_input(pipeline(row["path"]), pipeline.input_spec)[None].to(device)
+            probabilities = torch.stack([torch.softmax(n(x).float(), -1) for n in networks]).mean(0)[0]
+            predicted.append(probabilities.argmax(-1).cpu().numpy())
+            entry = (consensus or {}).get(row["Filename"])
+            truth.append(entry if entry is not None else {"mode": row["scores"], "mean": row["scores"]})
+    result = consensus_metrics(np.array(predicted), truth)
+    result["reference"] = "ModeA-F / MeanA-F of metadata_consensus_v1.csv" if consensus else \
+        "BrixiaScore of the metadata (no --consensus file given)"
+    return result
+
+
+def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
+    rows = brixia.read_metadata(args.metadata)
+    rows, missing = find_images(args.data, rows)
+    if missing:
+        print(f"warning: {len(missing)} metadata image(s) not found under {args.data} (e.g. {missing[0]}); "
+              "they are left out", file=sys.stderr)
+    consensus_rows = [row for row in rows if row["consensus"]]
+    training_rows = [row for row in rows if not row["consensus"]]
+    if not training_rows:
+        raise SystemExit(f"no training images: none of {args.metadata}'s non-consensus rows has an image under {args.data}")
+    consensus = brixia.read_consensus(args.consensus) if args.consensus else None
+    seg_card, seg = load_stage(args.seg, "brixia-seg", context.device)
+    stn_card, stn = load_stage(args.stn, "brixia-stn", context.device) if args.stn else (None, [])
+    if stn_card is not None and stn_card["input"]["size"] != seg_card["input"]["size"]:
+        raise SystemExit(f"the STN was trained on a {stn_card['input']['size']} frame, the segmenter on "
+                         f"{seg_card['input']['size']}: train both with the same --size")
+    pipeline = Pipeline(seg_card, seg, stn, context.device)
+    stage_cards = {"seg": seg_card, "stn": stn_card}
+    task = score_task(args, context, pipeline, training_rows, stage_cards)
+    card = run_kfold(task, args, context, module="train.brixia")
+    if not context.is_main:
+        return
+    out = Path(args.out)
+    card = _bundle(out, card, stage_cards, {"seg": args.seg, "stn": args.stn})
+    card["metrics"]["consensus"] = evaluate_consensus(out, card, pipeline, consensus_rows, consensus, context.device)
+    card["data"]["n_consensus_held_out"] = len(consensus_rows)
+    cards.write_card(out, json_safe(card))
+    pooled = card["metrics"]["pooled"]
+    print(f"brixia score card {out / cards.CARD_FILE}: out-of-fold region accuracy {pooled['accuracy']:.3f}, "
+          f"region MAE {pooled['mae']:.3f}, global MAE {pooled['global_mae']:.2f}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    context = setup_distributed()
+    started = time.time()
+    try:
+        if args.stage == "seg":
+            run_kfold(seg_task(args), args, context, module="train.brixia")
+        elif args.stage == "stn":
+            run_kfold(stn_task(args), args, context, module="train.brixia")
+        else:
+            run_score(args, context)
+    except BaseException:
+        shutdown_distributed(context, clean=False)
+        raise
+    shutdown_distributed(context)
+    if context.is_main:
+        print(f"brixia {args.stage}: done in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Brixia training data: lung/heart mask folders, the BrixIA metadata, and the datasets of the three stages.
+
+Segmentation data is "one folder of images, one folder of masks per structure", as the public
+lung-mask sets ship them: ``MASKS/<structure>/<stem>.png`` (also ``<stem>_mask.png``), with the
+structure folders named ``right_lung``/``left_lung``/``heart`` or the usual variants
+(``rightMask``, ``leftMask``, ``right lung`` ...). Right and left are the patient's: the right
+lung is on the image's left.
+
+Augmentations never flip horizontally (that would swap right and left lung and the regions):
+segmentation and scoring draw a small rotation (+-10 / +-5 degrees), scale (0.9-1.1 / 0.95-1.05),
+shift (+-5 / +-3 %) and brightness/contrast; the STN draws larger poses (+-20 degrees, scale
+0.75-1.15, shift +-12 %) so it learns to undo them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tasks import brixia
+from tasks.frames import fit_masks_to_model, fit_to_model
+from tasks.imaging import ImageReadError, read_image
+from train.common import augmentation_generator
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
+STRUCTURE_FOLDERS = {
+    "right_lung": ("right_lung", "rightlung", "right", "rightmask", "right_mask", "right lung", "rl"),
+    "left_lung": ("left_lung", "leftlung", "left", "leftmask", "left_mask", "left lung", "ll"),
+    "heart": ("heart", "heartmask", "heart_mask", "h"),
+}
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """One image with its three structure masks."""
+    stem: str
+    image: Path | None
+    masks: tuple[Path, Path, Path]
+
+
+def structure_folders(masks_root: str | Path) -> dict[str, Path]:
+    """The mask folder of each structure under ``masks_root`` (names matched case-insensitively)."""
+    root = Path(masks_root)
+    if not root.is_dir():
+        raise SystemExit(f"mask folder {root} does not exist")
+    children = {child.name.lower(): child for child in root.iterdir() if child.is_dir()}
+    found, missing = {}, []
+    for structure, names in STRUCTURE_FOLDERS.items():
+        match = next((children[name] for name in names if name in children), None)
+        if match is None:
+            missing.append(f"{structure} (one of: {', '.join(names)})")
+        else:
+            found[structure] = match
+    if missing:
+        raise SystemExit(f"{root} needs one mask folder per structure; missing {'; '.join(missing)}. "
+                         f"Found folders: {', '.join(sorted(children)) or 'none'}")
+    return found
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            stem = path.stem[:-5] if path.stem.lower().endswith("_mask") else path.stem
+            files.setdefault(stem, path)
+    return files
+
+
+def find_mask_cases(masks_root: str | Path, images_root: str | Path | None = None) -> list[MaskCase]:
+    """Stems that have all three masks (and an image, when ``images_root`` is given), sorted."""
+    folders = structure_folders(masks_root)
+    per_structure = [_files_by_stem(folders[s]) for s in brixia.STRUCTURES]
+    stems = set(per_structure[0]).intersection(*per_structure[1:])
+    images = _files_by_stem(Path(images_root)) if images_root is not None else None
+    if images is not None:
+        if not Path(images_root).is_dir():
+            raise SystemExit(f"image folder {images_root} does not exist")
+        stems &= set(images)
+    if not stems:
+        where = f" matching images in {images_root}" if images_root is not None else ""
+        raise SystemExit(f"no image has all three masks (right_lung, left_lung, heart) under {masks_root}{where}")
+    return [MaskCase(stem, images[stem] if images is not None else None,
+                     tuple(files[stem] for files in per_structure)) for stem in sorted(stems)]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask PNG -> bool (any non-zero pixel is inside)."""
+    try:
+        return read_image(path, color="gray") > 0
+    except ImageReadError as exc:
+        raise SystemExit(f"cannot read mask {path}: {exc}") from exc
+
+
+def read_gray(path: Path) -> np.ndarray:
+    try:
+        return read_image(path, color="gray")
+    except ImageReadError as exc:
+        raise SystemExit(f"cannot read training image {path}: {exc}") from exc
+
+
+def case_masks(case: MaskCase) -> np.ndarray:
+    """(3, H, W) bool masks of a case at their own size."""
+    masks = [read_mask(path) for path in case.masks]
+    if len({m.shape for m in masks}) != 1:
+        raise SystemExit(f"masks of {case.stem} differ in size: {[m.shape for m in masks]}")
+    return np.stack(masks)
+
+
+def seg_sample(case: MaskCase, input_spec: dict[str, Any]) -> np.ndarray:
+    """Image and masks in the model frame as one uint8 (1 + 3, S, S) array (cacheable)."""
+    gray = read_gray(case.image)
+    masks = case_masks(case)
+    if masks.shape[1:] != gray.shape:
+        masks = np.stack([cv2.resize(m.astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+                          for m in masks])
+    frame, geometry = fit_to_model(gray, input_spec)
+    return np.concatenate([frame[None], fit_masks_to_model(masks, geometry).astype(np.uint8)])
+
+
+def mask_sample(case: MaskCase, input_spec: dict[str, Any]) -> np.ndarray:
+    """The three masks alone in the model frame, uint8 (3, S, S) (the STN's data)."""
+    masks = case_masks(case)
+    frame, geometry = fit_to_model(np.zeros(masks.shape[1:], np.uint8), input_spec)
+    return fit_masks_to_model(masks, geometry).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def random_affine(arrays: list[np.ndarray], draws: list[float], rotation: float, scale: tuple[float, float],
+                  shift: float, nearest_from: int = 1) -> list[np.ndarray]:
+    """Rotate/scale/shift (S, S) uint8 arrays alike about the centre (``draws``: three numbers in
+    [0, 1)); arrays from index ``nearest_from`` on are masks (nearest neighbour)."""
+    size = arrays[0].shape[-1]
+    angle = (draws[0] * 2 - 1) * rotation
+    factor = scale[0] + (scale[1] - scale[0]) * draws[1]
+    matrix = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, factor)
+    matrix[:, 2] += (np.array([draws[2], (draws[2] * 7.31) % 1.0]) * 2 - 1) * shift * size
+    out = []
+    for k, array in enumerate(arrays):
+        flags = cv2.INTER_NEAREST if k >= nearest_from else cv2.INTER_LINEAR
+        out.append(cv2.warpAffine(array, matrix, (size, size), flags=flags, borderValue=0))
+    return out
+
+
+def jitter_intensity(image: np.ndarray, draws: list[float]) -> np.ndarray:
+    """Brightness +-0.1 and contrast 0.8-1.2 on a uint8 image."""
+    contrast, brightness = 0.8 + 0.4 * draws[0], (draws[1] * 2 - 1) * 0.1
+    values = (image.astype(np.float32) / 255 - 0.5) * contrast + 0.5 + brightness
+    return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+
+
+def _draws(generator: torch.Generator | None, count: int) -> list[float]:
+    # torch's RNG: DataLoader workers reseed it per worker and epoch, numpy's would repeat.
+    worker = torch.utils.data.get_worker_info()
+    return torch.rand(count, generator=generator if worker is None else None).tolist()
+
+
+class _Samples(Dataset):
+    def __init__(self, sample: Callable[[int], np.ndarray], indices: list[int], input_spec: dict[str, Any],
+                 train: bool, seed: int | None = None):
+        self.sample, self.indices, self.input_spec, self.train = sample, list(indices), input_spec, train
+        self.generator = augmentation_generator(seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SegSamples(_Samples):
+    """-> (normalised image (1, S, S), float masks (3, S, S), index)."""
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        stacked = self.sample(index)
+        image, masks = stacked[0], stacked[1:]
+        if self.train:
+            draws = _draws(self.generator, 6)
+            if draws[0] < 0.7:
+                warped = random_affine([image, *masks], draws[1:4], rotation=10, scale=(0.9, 1.1), shift=0.05)
+                image, masks = warped[0], np.stack(warped[1:])
+            if draws[4] < 0.7:
+                image = jitter_intensity(image, _draws(self.generator, 2))
+        return brixia.to_tensor(image, self.input_spec), torch.from_numpy(np.ascontiguousarray(masks)).float(), index
+
+
+class StnSamples(_Samples):
+    """-> (two lung masks at STN size (2, s, s), target theta (2, 3), index).
+
+    Every sample is posed by a random affine (training: fresh each time; validation: fixed per
+    item) and its target is ``tasks.brixia.mask_theta`` of the posed masks, so the STN learns to
+    undo poses it has never seen without hand registration.
+    """
+
+    def __init__(self, *args, stn_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stn_size = stn_size
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        masks = self.sample(index)
+        generator = self.generator if self.train else torch.Generator().manual_seed(index)
+        for _ in range(5):
+            draws = _draws(generator, 3) if self.train else torch.rand(3, generator=generator).tolist()
+            posed = np.stack(random_affine(list(masks), draws, rotation=20, scale=(0.75, 1.15), shift=0.12,
+                                           nearest_from=0)) > 0
+            theta = brixia.mask_theta(posed[0], posed[1])
+            if theta is not None:
+                break
+        else:
+            posed = masks > 0
+            theta = brixia.mask_theta(posed[0], posed[1])
+            if theta is None:
+                theta = brixia.identity_theta()
+        return brixia.stn_input(posed, self.stn_size), torch.from_numpy(theta), index
+
+
+class ScoreSamples(_Samples):
+    """-> (packed scorer input (7, S, S), region scores (6,) long, index)."""
+
+    def __init__(self, *args, scores: list[list[int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scores = scores
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        packed = self.sample(index)
+        if self.train:
+            draws = _draws(self.generator, 6)
+            if draws[0] < 0.6:
+                warped = random_affine(list(packed), draws[1:4], rotation=5, scale=(0.95, 1.05), shift=0.03)
+                packed = np.stack(warped)
+            if draws[4] < 0.7:
+                packed = packed.copy()
+                packed[0] = jitter_intensity(packed[0], _draws(self.generator, 2))
+        return (brixia.scorer_input(packed, self.input_spec), torch.tensor(self.scores[index], dtype=torch.long),
+                index)
