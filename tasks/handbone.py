@@ -21,9 +21,12 @@ import cv2
 import numpy as np
 import torch
 
-# The model-frame geometry is shared with brixia; handbone keeps offering it under its own names.
-from tasks.frames import DEFAULT_THRESHOLD, FITS, Geometry, fit_to_model  # noqa: F401
-from tasks.frames import fit_masks_to_model, masks_at_input, model_geometry, probabilities_at_input  # noqa: F401
+from tasks import frames
+
+# The model-frame geometry is shared with brixia (tasks/frames.py); handbone keeps its names.
+DEFAULT_THRESHOLD, FITS, Geometry = frames.DEFAULT_THRESHOLD, frames.FITS, frames.Geometry
+fit_to_model, fit_masks_to_model, model_geometry = frames.fit_to_model, frames.fit_masks_to_model, frames.model_geometry
+masks_at_input, probabilities_at_input = frames.masks_at_input, frames.probabilities_at_input
 
 TASK = "handbone"
 CLASSES = [
