@@ -8,6 +8,7 @@ descriptor 1 is pointed at stderr, so stray prints from libraries land in the lo
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -21,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import torch
+
 from daemon import __version__
 from daemon.errors import (INTERNAL, INVALID_REQUEST, MODEL_UNAVAILABLE, UNKNOWN_TASK, ServiceError)
 from daemon.handlers.base import Job, Settings
@@ -31,6 +34,32 @@ log = logging.getLogger("daemon.server")
 
 _EOF = object()
 _STOP = object()
+
+# Allocation failures: torch.OutOfMemoryError (CUDA), MemoryError (host), and RuntimeErrors whose
+# text says so (CPU allocator, cuDNN/cuBLAS workspaces, older torch versions).
+_OOM_TYPES = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "alloc_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that an allocation failed (GPU or host memory)."""
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc).lower() for marker in _OOM_MARKERS)
+
+
+class OutOfMemory(ServiceError):
+    """An allocation failed: an ``internal`` error whose message says so and what to try."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INTERNAL, message)
+
+
+def release_memory(device: torch.device) -> None:
+    """After an allocation failure: collect garbage and hand the CUDA allocator's cached blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -122,6 +151,7 @@ class Server:
         self.lines: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.started = time.time()
         self.answered = 0
+        self.batch_caps: dict[str, int] = {}  # task -> largest batch still tried after running out of memory
 
     # --- output -------------------------------------------------------------------------
     def emit(self, reply: dict[str, Any]) -> None:
@@ -188,8 +218,9 @@ class Server:
         head = pending[0]
         if head.job is not None and head.reply is None:
             batch = [head]
+            limit = min(self.max_batch, self.batch_caps.get(head.job.task, self.max_batch))
             for entry in list(pending)[1:]:
-                if len(batch) >= self.max_batch or entry.job is None or entry.job.task != head.job.task:
+                if len(batch) >= limit or entry.job is None or entry.job.task != head.job.task:
                     break
                 batch.append(entry)
             for entry in batch:
@@ -278,27 +309,53 @@ class Server:
         return reply
 
     def _infer(self, entries: list[Entry]) -> None:
-        """One ``infer`` call per task over these prepared requests."""
+        """One ``infer`` call per task over these prepared requests.
+
+        A batch that fails is retried one request at a time, so only the request that cannot be
+        served alone gets a fail reply. When the batch ran out of memory, garbage is collected and
+        the CUDA cache emptied first, and later batches of that task are capped at half the size.
+        """
         by_task: dict[str, list[Entry]] = {}
         for entry in entries:
             by_task.setdefault(entry.job.task, []).append(entry)
-        for task, entries in by_task.items():
+        for task, group in by_task.items():
             handler = self.registry.handlers[task]
-            try:
-                results = handler.infer([entry.prepared for entry in entries])
-                for entry, result in zip(entries, results):
-                    entry.inferred = result
-            except Exception:
-                if len(entries) == 1:
-                    raise_into = entries[0]
-                    self._internal(raise_into, sys.exc_info()[1], task, raise_into.job.request)
-                    continue
-                log.warning("batch of %d %s requests failed; retrying one by one", len(entries), task)
-                for entry in entries:  # isolate the request that breaks the batch
-                    try:
-                        entry.inferred = handler.infer([entry.prepared])[0]
-                    except Exception as exc:
-                        self._internal(entry, exc, task, entry.job.request)
+            failure = self._try_infer(handler, group)
+            if failure is None:
+                continue
+            if len(group) == 1:
+                self._fail(group[0], failure, task, group[0].job.request)
+                continue
+            if isinstance(failure, OutOfMemory):
+                cap = max(1, len(group) // 2)
+                if cap < self.batch_caps.get(task, self.max_batch):
+                    self.batch_caps[task] = cap
+                    log.warning("out of memory on a batch of %d %s requests: later %s batches hold at most %d",
+                                len(group), task, task, cap)
+            log.warning("batch of %d %s requests failed; retrying one by one", len(group), task)
+            for entry in group:  # isolate the request that breaks the batch
+                failure = self._try_infer(handler, [entry])
+                if failure is not None:
+                    self._fail(entry, failure, task, entry.job.request)
+
+    def _try_infer(self, handler: Any, group: list[Entry]) -> ServiceError | None:
+        """Run ``handler.infer`` on ``group``; on failure return the error to reply with, after
+        releasing memory when it was an allocation failure. The exception (whose traceback holds
+        the failed call's tensors) is dropped before returning, so a retry gets that memory back."""
+        try:
+            results = handler.infer([entry.prepared for entry in group])
+        except ServiceError as exc:
+            error = ServiceError(exc.code, exc.message)
+        except Exception as exc:
+            label = f"batch of {len(group)}" if len(group) > 1 else _label(group[0].job.request)
+            error = self._error_for(exc, label, "inferring", handler.settings.device)
+        else:
+            for entry, result in zip(group, results):
+                entry.inferred = result
+            return None
+        if isinstance(error, OutOfMemory):
+            release_memory(handler.settings.device)
+        return error
 
     def _finish(self, entry: Entry) -> None:
         handler = self.registry.handlers[entry.job.task]
@@ -310,8 +367,32 @@ class Server:
             self._internal(entry, exc, entry.job.task, entry.job.request)
 
     def _internal(self, entry: Entry, exc: BaseException, task: str | None, request: dict | None) -> None:
-        log.error("internal error on request %s:\n%s", (request or {}).get("id", "?") if isinstance(request, dict)
-                  else "?", "".join(traceback.format_exception(exc)))
+        handler = self.registry.handlers.get(task) if task else None
+        device = handler.settings.device if handler is not None else self.settings.device
+        error = self._error_for(exc, _label(request), "preparing" if entry.prepared is None
+                                else "writing the results of", device)
+        if isinstance(error, OutOfMemory):
+            release_memory(device)
+        self._fail(entry, error, task, request)
+
+    @staticmethod
+    def _error_for(exc: BaseException, label: str, stage: str, device: torch.device) -> ServiceError:
+        """Log ``exc`` with its traceback and turn it into an ``internal`` error (``OutOfMemory``
+        when an allocation failed: its message says so and what to try)."""
+        out_of_memory = is_out_of_memory(exc)
+        log.error("%s on %s:\n%s", "out of memory" if out_of_memory else "internal error", label,
+                  "".join(traceback.format_exception(exc)))
         name = type(exc).__name__
-        text = "out of memory" if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() else str(exc)
-        self._fail(entry, ServiceError(INTERNAL, f"internal error ({name}): {text[:300]}"), task, request)
+        if not out_of_memory:
+            return ServiceError(INTERNAL, f"internal error ({name}): {str(exc)[:300]}")
+        if stage == "inferring":
+            where = f"on {device} ({name}) while inferring this request alone"
+        else:
+            where = f"in host memory ({name}) while {stage} this request"
+        return OutOfMemory(f"out of memory {where}: send a smaller image or lower --max-pixels, run the daemon "
+                           "with --max-batch 1, or give it more free memory; the daemon keeps serving")
+
+
+def _label(request: Any) -> str:
+    """How the log names a request: its id when it has one."""
+    return f"request {request.get('id', '?')!r}" if isinstance(request, dict) else "request ?"
