@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import shutil
 import sys
 import time
@@ -63,6 +64,7 @@ from train.reporting import data_source
 
 STAGES = ("seg", "stn", "score")
 IMAGE_FOLDERS = (".", "images", "dicom_clean", "png")
+SEG_PRIOR = 0.1   # a lung or the heart covers roughly a tenth of a chest film
 
 
 # ---------------------------------------------------------------- arguments
@@ -151,10 +153,17 @@ def seg_task(args: argparse.Namespace) -> TrainTask:
                       key=lambda case: case.image)
 
     def build() -> torch.nn.Module:
+        """Random (or pretrained-encoder) segmenter whose output bias starts at the logit of a structure's
+        typical share of the frame: from 0 every pixel starts at probability 0.5 and the first
+        epochs only learn that most of the frame is background."""
         try:
-            return brixia.build_segmenter(architecture, encoder_weights=args.encoder_weights)
+            network = brixia.build_segmenter(architecture, encoder_weights=args.encoder_weights)
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from exc
+        head = getattr(network, "segmentation_head", None)
+        if head is not None and getattr(head[0], "bias", None) is not None:
+            torch.nn.init.constant_(head[0].bias, math.log(SEG_PRIOR / (1 - SEG_PRIOR)))
+        return network
 
     return TrainTask(
         name="brixia-seg", items=[case.image.name for case in cases], strata=[0] * len(cases),
@@ -349,7 +358,14 @@ def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows
 
 
 def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
-    rows = brixia.read_metadata(args.metadata)
+    for name, path in (("--metadata", args.metadata), ("--consensus", args.consensus)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"{name} {path} does not exist")
+    try:
+        rows = brixia.read_metadata(args.metadata)
+        consensus = brixia.read_consensus(args.consensus) if args.consensus else None
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     rows, missing = find_images(args.data, rows)
     if missing:
         print(f"warning: {len(missing)} metadata image(s) not found under {args.data} (e.g. {missing[0]}); "
@@ -358,7 +374,6 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
     training_rows = [row for row in rows if not row["consensus"]]
     if not training_rows:
         raise SystemExit(f"no training images: none of {args.metadata}'s non-consensus rows has an image under {args.data}")
-    consensus = brixia.read_consensus(args.consensus) if args.consensus else None
     seg_card, seg = load_stage(args.seg, "brixia-seg", context.device)
     stn_card, stn = load_stage(args.stn, "brixia-stn", context.device) if args.stn else (None, [])
     if stn_card is not None and stn_card["input"]["size"] != seg_card["input"]["size"]:
