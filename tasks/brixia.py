@@ -44,6 +44,7 @@ MAX_GLOBAL = 3 * len(REGIONS)
 CANONICAL_BOX = (-0.8, -0.8, 0.8, 0.8)
 MIN_LUNG_FRACTION = 0.002             # a lung mask smaller than this share of the frame is "not found"
 MAX_TILT_DEG = 35.0                   # a mask-derived rotation beyond this is distrusted
+STN_AGREEMENT = 0.8                   # box IoU an STN theta needs with the mask-derived one to be used
 
 
 # ---------------------------------------------------------------- metadata (BrixIA CSV)
@@ -329,6 +330,21 @@ def stn_input(masks: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(lungs, size=(size, size), mode="area")[0]
 
 
+def box_corners(theta: np.ndarray) -> np.ndarray:
+    """Where the corners of ``CANONICAL_BOX`` land in the unaligned frame under ``theta`` (4, 2)."""
+    x0, y0, x1, y1 = CANONICAL_BOX
+    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x1, y1, 1], [x0, y1, 1]], dtype=np.float64)
+    return corners @ np.asarray(theta, dtype=np.float64).T
+
+
+def box_iou(theta_a: np.ndarray, theta_b: np.ndarray) -> float:
+    """IoU of the canonical box as two thetas place it (1 = the same alignment)."""
+    a, b = box_corners(theta_a).astype(np.float32), box_corners(theta_b).astype(np.float32)
+    inter, _ = cv2.intersectConvexConvex(a, b)
+    union = cv2.contourArea(a) + cv2.contourArea(b) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def plausible_theta(theta: np.ndarray) -> bool:
     """An STN output is used only if it is a sane, invertible, non-mirroring affine."""
     linear = np.asarray(theta, dtype=np.float64)[:, :2]
@@ -446,12 +462,14 @@ def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, de
                 method: str = "auto") -> list[tuple[np.ndarray, str]]:
     """A theta and the method that gave it for each (3, S, S) mask set.
 
-    ``auto``: the STN (mean theta over the card's STNs) when the card has one and its theta is
-    plausible, else the mask-derived affine, else the identity (lungs not found). ``masks``: the
-    mask-derived affine. ``none``: identity.
+    ``auto``: the STN (mean theta over the card's STNs) when the card has one, its theta is
+    plausible and it agrees with the mask-derived affine (box IoU >= ``STN_AGREEMENT``: an STN
+    that has not learnt a film's pose must not misalign it), else the mask-derived affine, else
+    the identity (lungs not found). ``masks``: the mask-derived affine. ``none``: identity.
     """
     masks = list(masks)
     results: list[tuple[np.ndarray, str] | None] = [None] * len(masks)
+    stn_thetas = None
     if method == "none":
         return [(identity_theta(), "identity") for _ in masks]
     if method == "auto" and stn:
@@ -459,14 +477,16 @@ def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, de
         inputs = torch.stack([stn_input(m, size) for m in masks]).to(device)
         with torch.no_grad():
             thetas = torch.stack([network(inputs).float() for network in stn]).mean(0).cpu().numpy()
-        for k, (theta, mask) in enumerate(zip(thetas, masks)):
-            found = mask[0].sum() >= MIN_LUNG_FRACTION * mask[0].size and mask[1].sum() >= MIN_LUNG_FRACTION * mask[1].size
-            if found and plausible_theta(theta):
-                results[k] = (theta.astype(np.float32), "stn")
+        stn_thetas = list(thetas)
     for k, mask in enumerate(masks):
-        if results[k] is None:
-            theta = mask_theta(mask[0], mask[1])
-            results[k] = (theta, "masks") if theta is not None else (identity_theta(), "identity")
+        from_masks = mask_theta(mask[0], mask[1])
+        if from_masks is None:
+            results[k] = (identity_theta(), "identity")
+        elif stn_thetas is not None and plausible_theta(stn_thetas[k]) \
+                and box_iou(stn_thetas[k], from_masks) >= STN_AGREEMENT:
+            results[k] = (stn_thetas[k].astype(np.float32), "stn")
+        else:
+            results[k] = (from_masks, "masks")
     return results  # type: ignore[return-value]
 
 

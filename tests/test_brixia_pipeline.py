@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks import brixia
-from train.brixia_metrics import box_iou, region_metrics
+from train.brixia_metrics import region_metrics
 from train.phantoms.brixia import write_brixia_phantoms
 
 
@@ -146,7 +146,16 @@ def test_region_metrics_and_box_iou():
     assert metrics["accuracy"] == pytest.approx(10 / 12) and metrics["mae"] == pytest.approx(3 / 12)
     assert metrics["global_mae"] == pytest.approx(1.5) and metrics["per_region"]["D"]["mae"] == 0.5
     identity = brixia.identity_theta()
-    assert box_iou(identity, identity) == pytest.approx(1.0)
+    assert brixia.box_iou(identity, identity) == pytest.approx(1.0)
     half = identity.copy()
     half[0, 2] = 0.8    # shifted by half the box's width
-    assert box_iou(half, identity) == pytest.approx(1 / 3, abs=0.01)
+    assert brixia.box_iou(half, identity) == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_an_stn_that_disagrees_with_the_lungs_is_not_used():
+    posed = _lungs(angle=15, scale=0.8, shift=(10, -8))
+    identity_stn = [brixia.build_stn(brixia.default_stn(64, (8, 16))).eval()]   # untrained: returns the identity
+    ((theta, method),) = brixia.align_batch([posed], identity_stn, torch.device("cpu"))
+    assert method == "masks" and np.allclose(theta, brixia.mask_theta(posed[0], posed[1]))
+    ((theta, method),) = brixia.align_batch([posed], identity_stn, torch.device("cpu"), method="none")
+    assert method == "identity"

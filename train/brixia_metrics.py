@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -49,25 +48,11 @@ def seg_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- STN
 
-def _box_corners(theta: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = brixia.CANONICAL_BOX
-    corners = np.array([[x0, y0, 1], [x1, y0, 1], [x1, y1, 1], [x0, y1, 1]], dtype=np.float64)
-    return corners @ np.asarray(theta, dtype=np.float64).T
-
-
-def box_iou(predicted: np.ndarray, target: np.ndarray) -> float:
-    """IoU of the canonical box as placed in the image by two thetas (convex quadrilaterals)."""
-    a, b = _box_corners(predicted).astype(np.float32), _box_corners(target).astype(np.float32)
-    inter, _ = cv2.intersectConvexConvex(a, b)
-    union = cv2.contourArea(a) + cv2.contourArea(b) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def stn_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
     records = []
     for index, predicted, target in zip(indices.tolist(), outputs.float().numpy(), targets.float().numpy()):
-        corner_error = np.linalg.norm(_box_corners(predicted) - _box_corners(target), axis=1).mean() / 2
-        records.append({"index": int(index), "box_iou": box_iou(predicted, target),
+        corner_error = np.linalg.norm(brixia.box_corners(predicted) - brixia.box_corners(target), axis=1).mean() / 2
+        records.append({"index": int(index), "box_iou": brixia.box_iou(predicted, target),
                         "corner_error": float(corner_error)})
     return records
 
