@@ -124,6 +124,8 @@ def rss_curve(args: argparse.Namespace, work: Path) -> str:
               f"{samples[-1][4]:6.1f}), peak {samples[-1][2]:7.1f} MB, {samples[-1][5]:6.0f} ms/request", flush=True)
         if sent % 1000 == 0:
             shutil.rmtree(work / "curve" / str(sent // 1000 - 1), ignore_errors=True)
+    time.sleep(args.rss_idle)  # the daemon trims its heap after 2 s without requests
+    idle = sample()
     proc.stdin.close()
     proc.wait()
     total_s = time.perf_counter() - began
@@ -144,6 +146,7 @@ Daemon environment: {env_text}. {total_s / 60:.1f} min in all; load average at t
 {rows}
 
 Second half (requests {args.rss_curve // 2}-{args.rss_curve}): RSS {min(half):.0f}-{max(half):.0f} MB, spread {max(half) - min(half):.0f} MB.
+After {args.rss_idle:g} s without requests: RSS {idle[0]:.0f} MB (anonymous {idle[2]:.0f} MB).
 """
 
 
@@ -159,6 +162,8 @@ def main() -> None:
     parser.add_argument("--rss-curve", type=int, default=0, metavar="N",
                         help="only measure RSS over N osteo requests (section 'Daemon RSS curve')")
     parser.add_argument("--rss-every", type=int, default=100, metavar="K", help="RSS sample every K requests")
+    parser.add_argument("--rss-idle", type=float, default=5.0, metavar="S",
+                        help="after the curve, RSS once more after S seconds without requests (default: 5)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the daemon of --rss-curve (e.g. MALLOC_ARENA_MAX=2)")
     parser.add_argument("--results", type=Path, default=results.RESULTS,

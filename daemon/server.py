@@ -8,6 +8,7 @@ descriptor 1 is pointed at stderr, so stray prints from libraries land in the lo
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -53,6 +54,27 @@ class OutOfMemory(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(INTERNAL, message)
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the heap memory that glibc keeps after frees back to the OS. After a stream of
+    requests it holds a few hundred MB of freed decode/activation buffers (bench/RESULTS.md,
+    "Daemon RSS curve"); nothing is in use there, so the daemon does this when it goes idle."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def release_memory(device: torch.device) -> None:
@@ -140,7 +162,7 @@ class Server:
     """
 
     def __init__(self, settings: Settings, default_task: str, out: BinaryIO, max_batch: int = 4,
-                 workers: int = 2, registry: Registry | None = None) -> None:
+                 workers: int = 2, registry: Registry | None = None, idle_trim_s: float = 2.0) -> None:
         self.registry = registry or Registry()
         self.settings = settings
         self.default_task = default_task
@@ -152,6 +174,8 @@ class Server:
         self.started = time.time()
         self.answered = 0
         self.batch_caps: dict[str, int] = {}  # task -> largest batch still tried after running out of memory
+        self.idle_trim_s = idle_trim_s  # idle this long after answering: trim_heap()
+        self.heap_dirty = True  # answered something (or loaded the models) since the last trim
 
     # --- output -------------------------------------------------------------------------
     def emit(self, reply: dict[str, Any]) -> None:
@@ -195,8 +219,14 @@ class Server:
             # Admit what is already waiting (block only when there is nothing else to do).
             while not finished and len(pending) < self.max_pending:
                 try:
-                    item = self.lines.get(block=not pending)
+                    if pending:
+                        item = self.lines.get_nowait()
+                    else:
+                        item = self.lines.get(timeout=self.idle_trim_s if self.heap_dirty else None)
                 except queue.Empty:
+                    if not pending:  # idle since the last reply: hand freed heap back, then wait
+                        self._trim_heap()
+                        continue
                     break
                 if item is _EOF or item is _STOP:
                     finished = True
@@ -233,6 +263,13 @@ class Server:
             entry = pending.popleft()
             self.emit(entry.reply if entry.reply is not None else self._control(entry.control))
             self.answered += 1
+            self.heap_dirty = True
+
+    def _trim_heap(self) -> None:
+        began = time.perf_counter()
+        trim_heap()
+        self.heap_dirty = False
+        log.debug("idle: heap trimmed in %.1f ms", (time.perf_counter() - began) * 1000)
 
     # --- one request --------------------------------------------------------------------
     def _fail(self, entry: Entry, error: ServiceError, task: str | None, request: dict | None) -> None:

@@ -195,3 +195,42 @@ def test_cuda_cache_is_emptied_before_the_retry(monkeypatch):
     assert [reply["result"] for reply in replies] == ["ok", "fail", "ok"]
     assert replies[1]["error"]["message"].startswith("out of memory on cuda:0 (OutOfMemoryError)")
     assert len(emptied) == 2  # after the batch, and after the request that failed alone
+
+
+def test_an_idle_daemon_trims_its_heap_once_per_idle_spell(registry, images, tmp_path, monkeypatch):
+    """After a stream glibc holds the freed buffers (RSS stays up); idle for idle_trim_s after
+    answering, the loop hands them back once, and not again until it has answered something."""
+    import threading
+    import time
+
+    import daemon.server
+
+    trims: list[float] = []
+    monkeypatch.setattr(daemon.server, "trim_heap", lambda: trims.append(time.monotonic()))
+    out = Stream()
+    server = Server(Settings(device=CPU), "osteo", out, workers=1, registry=registry, idle_trim_s=0.2)
+    read_end, write_end = os.pipe()
+    thread = threading.Thread(target=server.serve, args=(read_end,), daemon=True)
+    thread.start()
+
+    def wait_for(condition, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda: len(trims) == 1, "the trim after loading")  # the models' load leftovers
+        os.write(write_end, json.dumps(osteo(images, tmp_path, 0)).encode() + b"\n")
+        wait_for(lambda: len(out.lines()) == 2, "the reply")
+        wait_for(lambda: len(trims) == 2, "the trim after the reply")
+        time.sleep(1.0)
+        assert len(trims) == 2  # nothing answered since: no more trims
+        os.write(write_end, b'{"op": "health"}\n')
+        wait_for(lambda: len(trims) == 3, "the trim after health")
+    finally:
+        os.close(write_end)
+        thread.join(60)
+        os.close(read_end)
+    assert not thread.is_alive()
+    assert [line.get("result") for line in out.lines()[1:]] == ["ok", "ok"]
