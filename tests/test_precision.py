@@ -101,3 +101,23 @@ def test_explanations_are_built_in_float32_under_low_precision_autocast():
         assert low.dtype == np.float32 and low.shape == (2, 24, 32)
         assert np.isfinite(low).all() and low.min() >= 0 and low.max() <= 1
         assert np.corrcoef(low.ravel(), full.ravel())[0, 1] > 0.9
+
+
+def test_osteo_handler_runs_its_forward_and_both_explanations_under_autocast(tiny_weights, monkeypatch):
+    """The handler's sequence (inference_mode forward, then Grad-CAM / saliency with gradients) under
+    a low-precision autocast: CPU bfloat16 stands in for CUDA float16, which this machine lacks."""
+    from daemon.handlers.osteo import Prepared
+    from daemon.registry import load_registry
+
+    handler = load_registry(tiny_weights, Settings(device=CPU)).handlers["osteo"]
+    height, width = handler.card["input"]["size"]
+    torch.manual_seed(0)
+    batch = [Prepared(torch.randn(3, height, width), np.zeros((height, width), np.uint8), method)
+             for method in ("gradcam", "saliency")]
+    reference = handler.infer(batch)
+    monkeypatch.setattr(TaskHandler, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    low = handler.infer(batch)
+    for full, half in zip(reference, low):
+        assert half.probabilities.dtype == np.float32 and half.heat.dtype == np.float32
+        assert np.abs(half.probabilities - full.probabilities).max() < 0.05
+        assert np.isfinite(half.heat).all() and 0 <= half.heat.min() and half.heat.max() <= 1
