@@ -8,7 +8,7 @@
 #   install  wheels under .whl/ (packages the machine lacks) -> /tmp/site, on PYTHONPATH
 #   env      nvidia-smi, versions, imports
 #   replay   the example requests of $TASKS through `run_model.py weights/` on the CPU, on $DEVICE
-#            (AMP, --precision auto) and on $DEVICE with --precision fp32: every reply ok, the ready
+#            with --precision fp16 (AMP) and on $DEVICE with the default fp32: every reply ok, the ready
 #            line's `amp`, then per task the largest difference to the CPU run (numbers, images, masks)
 #   bench    bench/bench_daemon.py --device $DEVICE, small N; its section goes to $OUT/RESULTS.md
 #   ddp      torchrun (1 process, NCCL on CUDA) -m train.osteo --amp on tiny phantoms; the card must
@@ -105,8 +105,8 @@ files = {task: repo / "examples" / ("requests.jsonl" if task == "osteo" else f"{
 # fp32 before AMP: the first daemon on a fresh GPU pays one-off CUDA/cuDNN loading, which
 # would otherwise be charged to AMP (set REPLAY_AMP_FIRST=1 to see it).
 runs = {"cpu": ["--device", "cpu"]}
-amp_run = {device if device != "cpu" else "cpu-again": ["--device", device]}
-fp32_run = {f"{device}-fp32": ["--device", device, "--precision", "fp32"]}
+amp_run = {device if device != "cpu" else "cpu-again": ["--device", device, "--precision", "fp16"]}
+fp32_run = {f"{device}-fp32": ["--device", device]}
 runs.update({**amp_run, **fp32_run} if os.environ.get("REPLAY_AMP_FIRST") == "1" else {**fp32_run, **amp_run})
 failures = []
 

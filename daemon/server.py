@@ -198,7 +198,7 @@ class Server:
                 "default_task": self.default_task, "tasks": self.registry.status(), "pid": os.getpid()}
 
     def amp_tasks(self) -> list[str]:
-        """Tasks whose forward passes run under float16 autocast (CUDA with ``--precision auto``)."""
+        """Tasks whose forward passes run under float16 autocast (CUDA with ``--precision fp16``)."""
         return sorted(task for task, handler in self.registry.handlers.items() if getattr(handler, "amp", False))
 
     # --- signals and the loop -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Mixed precision: float16 autocast on CUDA with --precision auto, never on CPU or with --precision fp32.
+"""Mixed precision: float16 autocast on CUDA with --precision fp16, never on CPU or with --precision fp32.
 
 No GPU is needed: a Settings on torch.device("cuda") only decides which context is returned (no
 forward runs on it). The maps' float32 cast is exercised on CPU with bfloat16 autocast, whose
@@ -22,7 +22,7 @@ from daemon.registry import Registry
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def handler_on(device: torch.device, precision: str = "auto") -> TaskHandler:
+def handler_on(device: torch.device, precision: str = "fp16") -> TaskHandler:
     card = {"name": "t", "version": "0", "task": "osteo"}
     return TaskHandler(card, [], Settings(device=device, precision=precision), source="test")
 
@@ -34,7 +34,7 @@ def cuda_autocast(context) -> torch.autocast:
 
 
 def test_cpu_gets_a_null_context_whatever_the_precision():
-    for precision in ("auto", "fp32"):
+    for precision in ("fp16", "fp32"):
         assert not uses_amp(CPU, precision)
         assert isinstance(autocast_for(CPU, precision), contextlib.nullcontext)
         handler = handler_on(CPU, precision)
@@ -56,20 +56,20 @@ def test_cuda_gets_float16_autocast_unless_fp32():
 def test_precision_flag_reaches_settings(tmp_path: Path):
     from daemon.cli import parse_args
 
-    assert parse_args([str(tmp_path)]).precision == "auto"
-    assert parse_args([str(tmp_path), "--precision", "fp32"]).precision == "fp32"
+    assert parse_args([str(tmp_path)]).precision == "fp32"
+    assert parse_args([str(tmp_path), "--precision", "fp16"]).precision == "fp16"
     with pytest.raises(SystemExit):
-        parse_args([str(tmp_path), "--precision", "fp16"])
+        parse_args([str(tmp_path), "--precision", "auto"])
 
 
 def test_ready_line_says_which_tasks_run_under_amp():
     registry = Registry(handlers={"osteo": handler_on(CUDA), "scar": handler_on(CPU)})
-    server = Server(Settings(device=CUDA), "osteo", out=None, registry=registry)  # type: ignore[arg-type]
+    server = Server(Settings(device=CUDA, precision="fp16"), "osteo", out=None, registry=registry)  # type: ignore[arg-type]
     try:
         ready = server.ready_line()
     finally:
         server.pool.shutdown()
-    assert ready["precision"] == "auto"
+    assert ready["precision"] == "fp16"
     assert ready["amp"] == ["osteo"]
 
 

@@ -24,15 +24,17 @@ from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
 
 MIN_IMAGE_SIDE = 32
-PRECISIONS = ("auto", "fp32")  # auto: float16 autocast on CUDA, float32 on CPU; fp32: never autocast
+# fp16: float16 autocast on CUDA (float32 on CPU); fp32: never autocast. fp32 is the default: on an
+# H200 the demo-size networks served 15-45 % slower under autocast (bench/RESULTS.md, "Precision").
+PRECISIONS = ("fp32", "fp16")
 
 
-def uses_amp(device: torch.device, precision: str = "auto") -> bool:
-    """Whether forward passes on ``device`` run under float16 autocast (``--precision auto`` on CUDA)."""
-    return precision == "auto" and torch.device(device).type == "cuda"
+def uses_amp(device: torch.device, precision: str = "fp32") -> bool:
+    """Whether forward passes on ``device`` run under float16 autocast (``--precision fp16`` on CUDA)."""
+    return precision == "fp16" and torch.device(device).type == "cuda"
 
 
-def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """``torch.autocast("cuda", dtype=torch.float16)`` when ``uses_amp``, else a context that does nothing
     (CPU inference stays float32, bit for bit)."""
     if uses_amp(device, precision):
@@ -49,7 +51,7 @@ class Settings:
     explain: str = "gradcam"
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     fold: int | None = None
-    precision: str = "auto"  # one of PRECISIONS
+    precision: str = "fp32"  # one of PRECISIONS
 
 
 @dataclass
@@ -108,7 +110,7 @@ class TaskHandler:
 
     @property
     def amp(self) -> bool:
-        """True when this handler's forward passes run in float16 autocast (CUDA, ``--precision auto``)."""
+        """True when this handler's forward passes run in float16 autocast (CUDA, ``--precision fp16``)."""
         return uses_amp(self.settings.device, self.settings.precision)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -118,7 +120,7 @@ class TaskHandler:
                 logits = network(inputs)
             probabilities = torch.softmax(logits.float(), dim=1)  # float32 before softmax/sigmoid/thresholds
 
-        float16 autocast on CUDA with ``--precision auto``, nothing at all otherwise (CPU results are
+        float16 autocast on CUDA with ``--precision fp16``, nothing at all otherwise (CPU results are
         unchanged). Outputs may be float16 under it: cast them with ``.float()`` before softmax,
         sigmoid or thresholds. Grad-CAM (``explain.grad_cam``) and saliency run inside it too; they
         cast activations and gradients to float32 before building maps."""
