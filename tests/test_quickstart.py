@@ -13,7 +13,8 @@ from conftest import REPO
 
 def test_demo_weights_answer_every_example_request(tmp_path):
     (tmp_path / "examples").symlink_to(REPO / "examples")
-    requests = b"".join((REPO / "examples" / name).read_bytes() for name in ("requests.jsonl", "scar_requests.jsonl", "handbone_requests.jsonl"))
+    files = ("requests.jsonl", "scar_requests.jsonl", "handbone_requests.jsonl", "brixia_requests.jsonl")
+    requests = b"".join((REPO / "examples" / name).read_bytes() for name in files)
     expected = [json.loads(line) for line in requests.splitlines() if line.strip()]
     run = subprocess.run([sys.executable, str(REPO / "run_model.py"), str(REPO / "weights")], input=requests,
                          capture_output=True, cwd=tmp_path, timeout=600)
@@ -29,11 +30,19 @@ def test_demo_weights_answer_every_example_request(tmp_path):
             continue
         assert reply["model"]["demo"] is True
         for key, path in reply.items():
-            if key.endswith("_img_path"):
-                with Image.open(path) as image:
+            for written in ([path] if key.endswith("_img_path") else
+                            (path or {}).values() if key.endswith("_img_paths") else []):
+                with Image.open(written) as image:
                     image.load()
     osteo = [r for r in replies if r.get("task") == "osteo"]
     assert [r["label"] for r in osteo] == ["C1", "C3", "C3"]  # the phantoms are told apart
     assert Path(osteo[0]["saliency_img_path"]).parent == (tmp_path / "out" / "examples").resolve()
     (hand,) = [r for r in replies if r.get("task") == "handbone"]
     assert sum(area > 0 for area in hand["areas_px"].values()) >= 25  # the demo finds the phantom's bones
+    chests = {r["id"]: r for r in replies if r.get("task") == "brixia"}
+    assert set(chests) == {"brixia-png", "brixia-dicom", "brixia-png-2"}
+    # the example names carry the phantoms' true BrixiaScore: the demo gets them nearly right
+    for name, truth in (("brixia-png", "333323"), ("brixia-dicom", "000001"), ("brixia-png-2", "222121")):
+        predicted = chests[name]["region_scores"]
+        assert sum(abs(predicted[r] - int(t)) for r, t in zip("ABCDEF", truth)) <= 3, (name, predicted)
+    assert len(chests["brixia-png"]["cam_img_paths"]) == 6 and chests["brixia-png-2"]["cam_img_paths"] is None
