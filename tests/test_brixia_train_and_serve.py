@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Daemon
+from conftest import REPO, Daemon
 from daemon.handlers.base import Settings
 from daemon.registry import _select_folds, load_registry
 from tasks import brixia
@@ -88,6 +91,28 @@ def test_fold_choice_keeps_the_shared_segmenter_and_stn(trained):
     registry = load_registry(trained.parent, Settings(device=torch.device("cpu"), fold=1), tasks=["brixia"])
     assert registry.unavailable == {}
     assert [f.model for f in registry.handlers["brixia"].networks] == ["seg", "seg", "stn", "stn", "score"]
+
+
+@pytest.mark.slow
+def test_score_stage_under_torchrun_with_two_cpu_processes(trained, phantoms, tmp_path):
+    """Every rank segments and aligns the images, validation is sharded and gathered, rank 0 bundles."""
+    runs = trained.parent.parent
+    out = tmp_path / "weights" / "brixia"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on GPU hosts
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "train.brixia", "score", str(phantoms), "--metadata", str(phantoms / "metadata_global_v2.csv"),
+               "--seg", str(runs / "seg"), "--stn", str(runs / "stn"), "--out", str(out), "--backbone", "resnet10t",
+               "--stage", "2", *TINY]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = read_card(out)
+    verify_folds(out, card)
+    held_out = card["data"]["n_consensus_held_out"]
+    assert card["training"]["world_size"] == 2 and card["metrics"]["pooled"]["n"] == 16 - held_out
+    oof = sorted(int(row["index"]) for row in csv.DictReader(open(out / "oof_predictions.csv")))
+    assert oof == list(range(16 - held_out))   # each training image validated exactly once
+    registry = load_registry(out.parent, Settings(device=torch.device("cpu")), tasks=["brixia"])
+    assert registry.unavailable == {} and len(registry.handlers["brixia"].networks) == 6
 
 
 @pytest.fixture(scope="module")
