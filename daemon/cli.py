@@ -94,9 +94,9 @@ def parse_device_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from daemon.server import claim_stdout
+    from daemon.protocol import claim_stdout
 
-    protocol_out = claim_stdout()  # before heavy imports: nothing they print may reach the protocol
+    protocol_out = claim_stdout()  # before heavy imports (torch, timm ...): nothing they print may reach the protocol
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()

@@ -7,7 +7,9 @@ first and in its order, so the original clients keep working.
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import sys
+from typing import Any, BinaryIO
 
 from daemon.errors import BAD_JSON, INVALID_REQUEST, ServiceError
 
@@ -98,3 +100,15 @@ def fail_reply(code: str, message: str, *, task: str | None = None, request_id: 
 def encode_reply(reply: dict[str, Any]) -> bytes:
     """One reply as one line of ASCII-safe JSON (non-ASCII escaped, so any client decoding works)."""
     return json.dumps(reply, ensure_ascii=True, allow_nan=False, separators=(", ", ": ")).encode("ascii") + b"\n"
+
+
+def claim_stdout() -> BinaryIO:
+    """Keep the real stdout for protocol lines and send everything else written to fd 1 to stderr.
+
+    Lives here, in a module without heavy imports, so the CLI can call it before torch and the
+    model libraries are imported: nothing they print at import time can reach the protocol.
+    """
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(protocol_fd, "wb", buffering=0)

@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -88,14 +87,6 @@ def release_memory(device: torch.device) -> None:
 class Oversized:
     """A line longer than the limit; its bytes were dropped as they arrived."""
     length: int
-
-
-def claim_stdout() -> BinaryIO:
-    """Keep the real stdout for protocol lines and send everything else written to fd 1 to stderr."""
-    sys.stdout.flush()
-    protocol_fd = os.dup(1)
-    os.dup2(2, 1)
-    return os.fdopen(protocol_fd, "wb", buffering=0)
 
 
 def read_lines(fd: int, lines: "queue.SimpleQueue[Any]", limit: int = MAX_LINE_BYTES) -> None:
