@@ -43,8 +43,13 @@ def grad_cam(networks: Sequence[torch.nn.Module], target_layer_of: Callable[[tor
         for network in networks:
             # Under float16 autocast the hooked activations and gradients are float16: cast them
             # (pytorch-grad-cam's reshape_transform sees both) so the map is built in float32.
-            with GradCAM(model=network, target_layers=[target_layer_of(network)], reshape_transform=_as_float32) as cam:
+            # Not ``with GradCAM(...)``: its __exit__ prints and swallows an IndexError, which would
+            # silently leave this fold's map out of the mean. Release the hooks ourselves instead.
+            cam = GradCAM(model=network, target_layers=[target_layer_of(network)], reshape_transform=_as_float32)
+            try:
                 total += cam(input_tensor=batch, targets=targets)
+            finally:
+                cam.activations_and_grads.release()
     return _normalise(total / len(networks))
 
 

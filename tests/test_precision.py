@@ -121,3 +121,18 @@ def test_osteo_handler_runs_its_forward_and_both_explanations_under_autocast(tin
         assert half.probabilities.dtype == np.float32 and half.heat.dtype == np.float32
         assert np.abs(half.probabilities - full.probabilities).max() < 0.05
         assert np.isfinite(half.heat).all() and 0 <= half.heat.min() and half.heat.max() <= 1
+
+
+def test_a_grad_cam_error_is_raised_not_swallowed():
+    """pytorch-grad-cam's context manager swallows IndexError; a bad class index must fail loudly
+    (the server turns it into a fail reply) instead of dropping a fold from the mean."""
+    from daemon import explain
+    from tasks import osteo
+
+    network = osteo.build_network(osteo.default_architecture("efficientnet-b0", width_coefficient=0.25,
+                                                             depth_coefficient=0.2)).eval()
+    batch = torch.zeros(1, 3, 64, 128)
+    with pytest.raises(IndexError):
+        explain.grad_cam([network], osteo.explain_target_layer, batch, classes=[7])   # two logits only
+    hooks = [m for m in network.modules() if m._forward_hooks]
+    assert not hooks   # the hooks were released all the same
