@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.frames import FITS, Geometry, fit_to_model  # noqa: F401  (FITS: the choices a trainer offers)
+from tasks.nets.smp_models import create_smp
 
 TASK = "brixia"
 REGIONS = "ABCDEF"
@@ -177,21 +178,7 @@ def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tens
 
 def build_segmenter(architecture: dict[str, Any], encoder_weights: str | None = None) -> nn.Module:
     """The smp lung/heart segmenter of a card record (``encoder_weights`` for training only)."""
-    import segmentation_models_pytorch as smp
-
-    options = dict(architecture.get("options") or {})
-    if "decoder_channels" in options:
-        options["decoder_channels"] = tuple(options["decoder_channels"])
-    try:
-        return smp.create_model(architecture["arch"], encoder_name=architecture["encoder"],
-                                encoder_weights=encoder_weights, in_channels=int(architecture["in_channels"]),
-                                classes=int(architecture["classes"]), **options)
-    except Exception as exc:
-        if encoder_weights is None:
-            raise
-        raise RuntimeError(f"cannot load {encoder_weights} weights for encoder {architecture['encoder']!r} "
-                           f"({type(exc).__name__}: {exc}); they are downloaded on first use (needs internet "
-                           "or a filled cache). Train from scratch with --encoder-weights none") from exc
+    return create_smp(architecture, encoder_weights)
 
 
 def segment(networks: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tasks import frames
+from tasks.nets.smp_models import create_smp
 
 # The model-frame geometry is shared with brixia (tasks/frames.py); handbone keeps its names.
 DEFAULT_THRESHOLD, FITS, Geometry = frames.DEFAULT_THRESHOLD, frames.FITS, frames.Geometry
@@ -99,25 +100,10 @@ def build_network(architecture: dict[str, Any], encoder_weights: str | None = No
     ``encoder_weights="imagenet"`` is for training only; it downloads and fails offline, with a
     message that says what to do.
     """
-    import segmentation_models_pytorch as smp
-
     if architecture.get("name") != "smp":
         raise ValueError(f"handbone expects an smp architecture, got {architecture.get('name')!r}")
     check_encoder(architecture)
-    options = dict(architecture.get("options") or {})
-    if "decoder_channels" in options:
-        options["decoder_channels"] = tuple(options["decoder_channels"])
-    try:
-        return smp.create_model(architecture["arch"], encoder_name=architecture["encoder"],
-                                encoder_weights=encoder_weights, in_channels=int(architecture["in_channels"]),
-                                classes=int(architecture["classes"]), **options)
-    except Exception as exc:  # download failures come as OSError, URLError, hub errors...
-        if encoder_weights is None:
-            raise
-        raise RuntimeError(f"cannot load {encoder_weights} weights for encoder {architecture['encoder']!r} "
-                           f"({type(exc).__name__}: {exc}); they are downloaded on first use, so this "
-                           "needs internet access or a filled torch/timm cache. Train from scratch with "
-                           "--encoder-weights none") from exc
+    return create_smp(architecture, encoder_weights)
 
 
 def size_multiple(architecture: dict[str, Any]) -> int:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import shutil
 import sys
 import time
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from tasks import brixia, cards
+from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_kfold
@@ -163,13 +163,10 @@ def seg_task(args: argparse.Namespace) -> TrainTask:
         typical share of the frame: from 0 every pixel starts at probability 0.5 and the first
         epochs only learn that most of the frame is background."""
         try:
-            network = brixia.build_segmenter(architecture, encoder_weights=args.encoder_weights)
+            return set_output_prior(brixia.build_segmenter(architecture, encoder_weights=args.encoder_weights),
+                                    SEG_PRIOR)
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from exc
-        head = getattr(network, "segmentation_head", None)
-        if head is not None and getattr(head[0], "bias", None) is not None:
-            torch.nn.init.constant_(head[0].bias, math.log(SEG_PRIOR / (1 - SEG_PRIOR)))
-        return network
 
     return TrainTask(
         name="brixia-seg", items=[case.image.name for case in cases], strata=[0] * len(cases),

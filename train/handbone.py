@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from typing import Any
 import torch
 
 from tasks import handbone
+from tasks.nets.smp_models import set_output_prior
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_trainer
 from train.handbone_data import HandboneSamples, find_cases, model_sample
@@ -131,13 +131,9 @@ def network_builder(architecture: dict[str, Any], encoder_weights: str | None, p
     """
     def build() -> torch.nn.Module:
         try:
-            network = handbone.build_network(architecture, encoder_weights=encoder_weights)
+            return set_output_prior(handbone.build_network(architecture, encoder_weights=encoder_weights), prior)
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from exc
-        head = getattr(network, "segmentation_head", None)
-        if head is not None and getattr(head[0], "bias", None) is not None:
-            torch.nn.init.constant_(head[0].bias, math.log(prior / (1 - prior)))
-        return network
     return build
 
 
