@@ -477,9 +477,9 @@ def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, de
     return results  # type: ignore[return-value]
 
 
-def aligned_sample(frame: np.ndarray, masks: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Warp the uint8 frame (S, S) and (3, S, S) masks with ``theta`` -> (packed scorer sample (7, S, S)
-    uint8, aligned masks (3, S, S)). Outside the original frame is black, as an X-ray's border."""
+def aligned_sample(frame: np.ndarray, masks: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Warp the uint8 frame (S, S) and (3, S, S) masks with ``theta`` -> the packed scorer sample
+    (7, S, S) uint8: aligned frame + regions cut on the aligned lungs. Outside the original frame
+    is black, as an X-ray's border."""
     aligned_frame = np.clip(np.rint(warp_array(frame.astype(np.float32), theta)), 0, 255).astype(np.uint8)
-    aligned_masks = warp_array(masks, theta, mode="nearest")
-    return pack_scorer_sample(aligned_frame, region_masks(aligned_masks)), aligned_masks
+    return pack_scorer_sample(aligned_frame, region_masks(warp_array(masks, theta, mode="nearest")))

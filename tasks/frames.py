@@ -3,6 +3,7 @@
 Tasks that segment (handbone, brixia) bring an image to the card's square model size by
 ``letterbox`` (keep the aspect ratio, pad) or ``resize`` (stretch) and must map every output
 back onto the input's own pixels; the ``Geometry`` of ``fit_to_model`` records how.
+``dice_per_class`` compares such masks, in the trainers of both.
 """
 from __future__ import annotations
 
@@ -89,3 +90,12 @@ def masks_at_input(probabilities: np.ndarray, geometry: Geometry, threshold: flo
     for k in range(probabilities.shape[0]):
         masks[k] = probabilities_at_input(probabilities[k:k + 1], geometry)[0] > threshold
     return masks
+
+
+def dice_per_class(predicted: np.ndarray, truth: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Dice of each class of ``(C, H, W)`` bool masks, as the seed: (2|A&B| + eps) / (|A| + |B| + eps),
+    so a class absent from both counts as 1."""
+    predicted, truth = predicted.reshape(len(predicted), -1), truth.reshape(len(truth), -1)
+    inter = np.count_nonzero(predicted & truth, axis=1).astype(np.float64)
+    total = np.count_nonzero(predicted, axis=1) + np.count_nonzero(truth, axis=1)
+    return (2 * inter + eps) / (total + eps)

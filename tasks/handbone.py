@@ -28,6 +28,7 @@ from tasks.nets.smp_models import create_smp
 DEFAULT_THRESHOLD, FITS, Geometry = frames.DEFAULT_THRESHOLD, frames.FITS, frames.Geometry
 fit_to_model, fit_masks_to_model, model_geometry = frames.fit_to_model, frames.fit_masks_to_model, frames.model_geometry
 masks_at_input, probabilities_at_input = frames.masks_at_input, frames.probabilities_at_input
+dice_per_class = frames.dice_per_class
 
 TASK = "handbone"
 CLASSES = [
@@ -221,13 +222,3 @@ def ensemble_probabilities(networks: Sequence[torch.nn.Module], inputs: torch.Te
             probabilities[chosen] = (probabilities[chosen] + flipped) / 2
         total = probabilities if total is None else total + probabilities
     return total / len(networks)
-
-
-def dice_per_class(predicted: np.ndarray, truth: np.ndarray, eps: float = 1e-4) -> np.ndarray:
-    """Dice of each class of ``(C, H, W)`` bool masks, as the seed: (2|A&B| + eps) / (|A| + |B| + eps),
-    so a class absent from both counts as 1."""
-    predicted, truth = predicted.reshape(len(predicted), -1), truth.reshape(len(truth), -1)
-    inter = np.count_nonzero(predicted & truth, axis=1).astype(np.float64)
-    total = np.count_nonzero(predicted, axis=1) + np.count_nonzero(truth, axis=1)
-    return (2 * inter + eps) / (total + eps)
-

@@ -75,10 +75,6 @@ SEG_PRIOR = 0.1   # a lung or the heart covers roughly a tenth of a chest film
 
 # ---------------------------------------------------------------- arguments
 
-def _common(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    add_training_arguments(parser, **defaults)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.brixia",
@@ -102,7 +98,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     seg.add_argument("--fit", default="resize", choices=brixia.FITS, help="stretch to the frame or letterbox")
     seg.add_argument("--loss", type=float, nargs=3, default=[1.0, 1.0, 0.0], metavar=("BCE", "DICE", "IOU"),
                      help="weights of BCE, Dice and IoU loss")
-    _common(seg, epochs=40, batch_size=8, lr=1e-3, folds=5)
+    add_training_arguments(seg, epochs=40, batch_size=8, lr=1e-3, folds=5)
 
     stn = stages.add_parser("stn", help="spatial transformer aligning the lungs", formatter_class=fmt,
                             description="Train the lung STN on posed masks against the mask-derived affine.")
@@ -111,7 +107,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     stn.add_argument("--fit", default="resize", choices=brixia.FITS, help="as seg")
     stn.add_argument("--stn-size", type=int, default=128, help="side of the STN's own mask input")
     stn.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 64], help="conv widths")
-    _common(stn, epochs=30, batch_size=32, lr=1e-3, folds=5)
+    add_training_arguments(stn, epochs=30, batch_size=32, lr=1e-3, folds=5)
 
     score = stages.add_parser("score", help="region scorer; writes the served card", formatter_class=fmt,
                               description="Train the six-region scorer on BrixIA and bundle seg + stn into its card.")
@@ -131,7 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="weight of the mean |expected - true score| term added to the cross-entropy")
     score.add_argument("--cache-dir", type=Path, default=None,
                        help="keep the segmented+aligned samples here between runs (default: memory only)")
-    _common(score, epochs=50, batch_size=16, lr=1e-3, folds=5)
+    add_training_arguments(score, epochs=50, batch_size=16, lr=1e-3, folds=5)
     args = parser.parse_args(argv)
     if getattr(args, "encoder_weights", None) and args.encoder_weights.lower() in ("none", "null", ""):
         args.encoder_weights = None
@@ -243,8 +239,7 @@ class Pipeline:
         masks = brixia.clean_masks(probabilities)
         ((theta, method),) = brixia.align_batch([masks], self.stn, self.device)
         self.methods[method] = self.methods.get(method, 0) + 1
-        packed, _ = brixia.aligned_sample(frame, masks, theta)
-        return packed
+        return brixia.aligned_sample(frame, masks, theta)
 
 
 def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tasks import brixia
+from tasks.frames import dice_per_class
 from train.metrics import _pyplot
 
 
@@ -28,15 +29,10 @@ def seg_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Ten
     records = []
     for index, probs, true in zip(indices.tolist(), probabilities, truth):
         predicted = brixia.clean_masks(probs)
-        dice = [dice_score(p, t) for p, t in zip(predicted, true)]
+        dice = dice_per_class(predicted, true).tolist()
         records.append({"index": int(index), "dice": float(np.mean(dice)),
                         **{f"dice_{name}": d for name, d in zip(brixia.STRUCTURES, dice)}})
     return records
-
-
-def dice_score(predicted: np.ndarray, truth: np.ndarray, eps: float = 1e-4) -> float:
-    inter = np.count_nonzero(predicted & truth)
-    return float((2 * inter + eps) / (np.count_nonzero(predicted) + np.count_nonzero(truth) + eps))
 
 
 def seg_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class BrixiaHandler(TaskHandler):
         packed, regions, keep = [], [], []
         for k, item in enumerate(batch):
             theta, _ = aligned[k]
-            sample, aligned_masks = brixia.aligned_sample(item.frame, masks[k], theta)
+            sample = brixia.aligned_sample(item.frame, masks[k], theta)
             if require_lungs and not (sample[1:4].any() and sample[4:7].any()):
                 results[k] = ServiceError(UNREADABLE_IMAGE, "no right and left lung found in the image: brixia "
                                                             "scores frontal chest X-rays (PA/AP)")
