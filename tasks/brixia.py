@@ -34,11 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.frames import FITS, Geometry, fit_to_model  # noqa: F401  (FITS: the choices a trainer offers)
+from tasks.intensity import apply_intensity, default_intensity
 from tasks.nets.smp_models import create_smp
 
 TASK = "brixia"
 REGIONS = "ABCDEF"
 STRUCTURES = ("right_lung", "left_lung", "heart")
+# An optional fourth segmenter channel: lung opacity (learnt from COVID-QU-Ex infection masks).
+# It is a probability map, not an anatomical structure: no largest-component cleaning, no mask output.
+OPACITY = "opacity"
 SCORE_LEVELS = 4                      # each region 0..3
 MAX_GLOBAL = 3 * len(REGIONS)
 # Where the two lungs' joint bounding box lands in the aligned frame (x0, y0, x1, y1), normalised.
@@ -135,18 +139,29 @@ def resolve_image(folder: str | Path, filename: str) -> Path | None:
 
 # ---------------------------------------------------------------- card records
 
-def default_input_spec(size: int = 512, fit: str = "resize") -> dict[str, Any]:
-    """The card's ``input`` record: square frame for every stage, fit, single-channel normalisation."""
+def default_input_spec(size: int = 512, fit: str = "resize",
+                       intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card's ``input`` record: square frame for every stage, fit, intensity policy
+    (``tasks.intensity``; default: the centre-percentile window), single-channel normalisation."""
     if fit not in FITS:
         raise ValueError(f"input fit must be one of {', '.join(FITS)}, not {fit!r}")
     return {"size": [int(size), int(size)], "fit": fit, "channels": 1, "color": "gray",
+            "intensity": intensity if intensity is not None else default_intensity(),
             "mean": [0.5], "std": [0.25], "pad_value": 0}
 
 
-def default_segmenter(arch: str = "Unet", encoder: str = "resnet34", **options: Any) -> dict[str, Any]:
-    """Architecture record of the lung/heart segmenter (smp; three sigmoid channels)."""
-    return {"name": "smp", "arch": arch, "encoder": encoder, "in_channels": 1, "classes": len(STRUCTURES),
-            "options": {k: v for k, v in options.items() if v is not None}}
+def default_segmenter(arch: str = "Unet", encoder: str = "resnet34", opacity: bool = False,
+                      **options: Any) -> dict[str, Any]:
+    """Architecture record of the segmenter (smp): sigmoid channels right lung, left lung, heart and,
+    with ``opacity``, a fourth for lung opacity."""
+    labels = list(STRUCTURES) + ([OPACITY] if opacity else [])
+    return {"name": "smp", "arch": arch, "encoder": encoder, "in_channels": 1, "classes": len(labels),
+            "labels": labels, "options": {k: v for k, v in options.items() if v is not None}}
+
+
+def segmenter_labels(architecture: dict[str, Any]) -> list[str]:
+    """The segmenter's channel names (cards from before the opacity channel have the three structures)."""
+    return list(architecture.get("labels") or STRUCTURES[:int(architecture.get("classes", len(STRUCTURES)))])
 
 
 def default_stn(size: int = 128, channels: Sequence[int] = (16, 32, 64, 64)) -> dict[str, Any]:
@@ -168,9 +183,16 @@ def to_tensor(frame: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
     return (x - float(input_spec["mean"][0])) / float(input_spec["std"][0])
 
 
+def prepare_frame(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
+    """8-bit gray X-ray -> (uint8 model frame under the card's intensity policy, Geometry back to the input).
+    The trainer's samples and the daemon's requests both come through here."""
+    frame, geometry = fit_to_model(gray, input_spec)
+    return apply_intensity(frame, input_spec.get("intensity")), geometry
+
+
 def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, Geometry]:
     """8-bit gray X-ray -> (network input (1, S, S), the uint8 frame, Geometry back to the input)."""
-    frame, geometry = fit_to_model(gray, input_spec)
+    frame, geometry = prepare_frame(gray, input_spec)
     return to_tensor(frame, input_spec), frame, geometry
 
 
@@ -182,8 +204,8 @@ def build_segmenter(architecture: dict[str, Any], encoder_weights: str | None = 
 
 
 def segment(networks: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
-    """Mean sigmoid over the segmenters: (B, 1, S, S) -> (B, 3, S, S). No flip averaging: a flip
-    would swap the right and left lung."""
+    """Mean sigmoid over the segmenters: (B, 1, S, S) -> (B, C, S, S), C = 3 structures (+ opacity).
+    No flip averaging: a flip would swap the right and left lung."""
     total = None
     for network in networks:
         probabilities = torch.sigmoid(network(inputs).float())
@@ -201,8 +223,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def clean_masks(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(3, S, S) probabilities -> (3, S, S) bool masks; each lung and the heart keep their largest piece."""
-    return np.stack([largest_component(channel > threshold) for channel in probabilities])
+    """(C, S, S) probabilities -> (3, S, S) bool masks of the structures; each lung and the heart keep
+    their largest piece (an opacity channel, when present, is not a structure and is left out)."""
+    return np.stack([largest_component(channel > threshold) for channel in probabilities[:len(STRUCTURES)]])
+
+
+def opacity_map(probabilities: np.ndarray) -> np.ndarray | None:
+    """The opacity channel (S, S) of a segmenter output, or None for a three-channel segmenter."""
+    return probabilities[len(STRUCTURES)] if len(probabilities) > len(STRUCTURES) else None
 
 
 def label_map(masks: np.ndarray) -> np.ndarray:
@@ -365,40 +393,68 @@ def region_masks(masks: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- scorer
 
 class RegionScorer(nn.Module):
-    """Aligned X-ray + six region masks -> (B, 6, 4) score logits.
+    """Aligned X-ray + six region masks (+ an opacity map) -> (B, 6, 4) score logits.
 
-    Input is one tensor (B, 1 + 6, S, S): channel 0 the normalised aligned image, channels 1-6
-    the region masks A-F (packed so that the k-fold trainer moves one tensor per batch). A timm
-    trunk (``features_only``) gives a feature map; each region's features are averaged inside its
-    mask and joined with the whole-image average; one linear 4-way head per region.
+    A timm trunk (``features_only``, up to ``stage``) gives a feature map; each region's features
+    are averaged inside its mask and joined with the whole-image average. With ``opacity`` each
+    region also gets two numbers from the segmenter's opacity map: its mean opacity probability
+    and the share of it above 0.5 (the extent of disease, which the Brixia score grades).
+    ``shared_head``: one linear head for all six regions, told which region by a one-hot code
+    (six times the samples per weight: the seed's PAFE head was shared too); else one per region.
     """
 
+    OPACITY_STATS = 2
+
     def __init__(self, backbone: str = "resnet34", stage: int = 4, in_chans: int = 1, dropout: float = 0.2,
-                 regions: int = len(REGIONS), levels: int = SCORE_LEVELS, pretrained: bool = False):
+                 regions: int = len(REGIONS), levels: int = SCORE_LEVELS, pretrained: bool = False,
+                 opacity: bool = False, shared_head: bool = False):
         super().__init__()
         import timm
 
         self.trunk = timm.create_model(backbone, pretrained=pretrained, features_only=True,
                                        out_indices=(int(stage),), in_chans=int(in_chans))
         channels = self.trunk.feature_info.channels()[-1]
-        self.in_chans, self.regions = int(in_chans), int(regions)
+        self.in_chans, self.regions, self.opacity, self.shared_head = int(in_chans), int(regions), bool(opacity), \
+            bool(shared_head)
         self.dropout = nn.Dropout(float(dropout))
-        self.heads = nn.ModuleList([nn.Linear(2 * channels, levels) for _ in range(regions)])
+        width = 2 * channels + (self.OPACITY_STATS if self.opacity else 0)
+        if self.shared_head:
+            self.heads = nn.ModuleList([nn.Linear(width + self.regions, levels)])
+        else:
+            self.heads = nn.ModuleList([nn.Linear(width, levels) for _ in range(self.regions)])
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's feature map of the image channel(s) of a packed input."""
-        return self.trunk(x[:, :self.in_chans])[-1]
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map (B, C, h, w) of the normalised aligned image (B, in_chans, S, S)."""
+        return self.trunk(image)[-1]
 
-    def head_logits(self, features: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) features, (B, 6, S, S) region masks -> (B, 6, 4) logits."""
+    def head_logits(self, features: torch.Tensor, regions: torch.Tensor,
+                    opacity: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) features, (B, 6, S, S) region masks, (B, 1, S, S) opacity -> (B, 6, 4) logits."""
         weights = F.adaptive_avg_pool2d(regions.to(features.dtype), features.shape[-2:])   # share of each cell
         pooled = torch.einsum("brhw,bchw->brc", weights, features) / weights.sum((-2, -1))[..., None].clamp_min(1e-6)
-        context = features.mean((-2, -1))
-        logits = [head(self.dropout(torch.cat([pooled[:, r], context], dim=1))) for r, head in enumerate(self.heads)]
-        return torch.stack(logits, dim=1)
+        parts = [pooled, features.mean((-2, -1))[:, None].expand(-1, self.regions, -1)]
+        if self.opacity:
+            if opacity is None:
+                raise ValueError("this scorer was trained with the opacity map; give it one")
+            parts.append(region_opacity(regions, opacity).to(features.dtype))
+        joined = self.dropout(torch.cat(parts, dim=-1))                                  # (B, 6, width)
+        if self.shared_head:
+            code = torch.eye(self.regions, dtype=joined.dtype, device=joined.device).expand(len(joined), -1, -1)
+            return self.heads[0](torch.cat([joined, code], dim=-1))
+        return torch.stack([head(joined[:, r]) for r, head in enumerate(self.heads)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(self.features(x), x[:, self.in_chans:])
+    def forward(self, image: torch.Tensor, regions: torch.Tensor, opacity: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head_logits(self.features(image), regions, opacity)
+
+
+def region_opacity(regions: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
+    """(B, 6, S, S) region masks, (B, 1, S, S) opacity probabilities -> (B, 6, 2): per region the mean
+    opacity probability and the share of its pixels above 0.5 (0 for an empty region)."""
+    regions = regions.float()
+    area = regions.sum((-2, -1)).clamp_min(1.0)
+    mean = (regions * opacity.float()).sum((-2, -1)) / area
+    extent = (regions * (opacity.float() > 0.5)).sum((-2, -1)) / area
+    return torch.stack([mean, extent], dim=-1)
 
 
 def build_scorer(architecture: dict[str, Any], pretrained: bool = False) -> RegionScorer:
@@ -406,18 +462,59 @@ def build_scorer(architecture: dict[str, Any], pretrained: bool = False) -> Regi
     return RegionScorer(backbone=architecture.get("backbone", "resnet34"), stage=architecture.get("stage", 4),
                         in_chans=architecture.get("in_chans", 1), dropout=architecture.get("dropout", 0.2),
                         regions=architecture.get("regions", len(REGIONS)),
-                        levels=architecture.get("levels", SCORE_LEVELS), pretrained=pretrained)
+                        levels=architecture.get("levels", SCORE_LEVELS), pretrained=pretrained,
+                        opacity=architecture.get("opacity", False), shared_head=architecture.get("shared_head", False))
 
 
-def pack_scorer_sample(aligned_frame: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """Aligned uint8 frame (S, S) + (6, S, S) regions -> one compact uint8 (7, S, S) array (cacheable)."""
-    return np.concatenate([aligned_frame[None], regions.astype(np.uint8)])
+def trunk_state_from_segmenter(segmenter_state: dict[str, torch.Tensor], scorer: RegionScorer) -> dict[str, torch.Tensor]:
+    """The scorer trunk's weights taken from a segmenter's smp ``tu-`` encoder (the same timm network).
+
+    The segmenter learnt lungs, heart and opacity from ~1,700 real films; its encoder is the only
+    pretraining there is here. Raises ValueError naming the mismatch when the encoder is not the
+    scorer's backbone (every trunk weight must be found with its shape)."""
+    prefix = "encoder.model."
+    encoder = {key[len(prefix):]: value for key, value in segmenter_state.items() if key.startswith(prefix)}
+    wanted = scorer.trunk.state_dict()
+    missing = [key for key in wanted if key not in encoder or encoder[key].shape != wanted[key].shape]
+    if not encoder or missing:
+        raise ValueError(f"the segmenter's encoder does not hold the scorer trunk ({len(missing)} of {len(wanted)} "
+                         f"weights missing or of another shape, e.g. {missing[:2]}): train the segmenter with "
+                         f"--encoder tu-<the scorer's --backbone> and an --encoder-depth >= the scorer's --stage")
+    return {key: encoder[key].to(wanted[key].dtype) for key in wanted}
 
 
-def scorer_input(packed: np.ndarray, input_spec: dict[str, Any]) -> torch.Tensor:
-    """A packed (7, S, S) uint8 sample -> the scorer's float input (7, S, S): normalised image, 0/1 regions."""
-    image = to_tensor(packed[0], input_spec)
-    return torch.cat([image, torch.from_numpy(np.ascontiguousarray(packed[1:], dtype=np.float32))])
+def pack_scorer_sample(aligned_frame: np.ndarray, regions: np.ndarray, opacity: np.ndarray | None = None) -> np.ndarray:
+    """Aligned uint8 frame (S, S) + (6, S, S) regions (+ opacity probabilities (S, S)) -> one compact
+    uint8 (7 or 8, S, S) array, the form samples are cached and queued in."""
+    parts = [aligned_frame[None], regions.astype(np.uint8)]
+    if opacity is not None:
+        parts.append(np.clip(np.rint(opacity * 255), 0, 255).astype(np.uint8)[None])
+    return np.concatenate(parts)
+
+
+def scorer_inputs(packed: np.ndarray, input_spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A packed uint8 sample -> the scorer's keyword inputs: ``image`` (1, S, S) normalised, ``regions``
+    (6, S, S) 0/1 and, when the sample carries one, ``opacity`` (1, S, S) in 0..1."""
+    inputs = {"image": to_tensor(packed[0], input_spec),
+              "regions": torch.from_numpy(np.ascontiguousarray(packed[1:1 + len(REGIONS)], dtype=np.float32))}
+    if len(packed) > 1 + len(REGIONS):
+        inputs["opacity"] = torch.from_numpy(np.ascontiguousarray(packed[1 + len(REGIONS):], dtype=np.float32) / 255.0)
+    return inputs
+
+
+DECISIONS = ("median", "argmax")
+
+
+def decide_scores(probabilities: torch.Tensor, decision: str = "median") -> torch.Tensor:
+    """(..., 4) probabilities -> the score per region: ``median`` of the predicted distribution (the
+    score with the smallest expected absolute error: the Brixia score is read as a number) or
+    ``argmax`` (the most probable score)."""
+    if decision == "argmax":
+        return probabilities.argmax(-1)
+    if decision != "median":
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    cumulative = probabilities.float().cumsum(-1)
+    return (cumulative < 0.5).sum(-1).clamp_max(probabilities.shape[-1] - 1)
 
 
 def expected_scores(probabilities: torch.Tensor) -> torch.Tensor:
@@ -428,18 +525,28 @@ def expected_scores(probabilities: torch.Tensor) -> torch.Tensor:
 
 class RegionLoss(nn.Module):
     """Mean cross-entropy over the six regions, on logits (the seed applied softmax twice), plus
-    ``ordinal_weight`` x mean |expected score - true score| (rewards near misses over far ones)."""
+    ``ordinal_weight`` x mean |expected score - true score| (rewards near misses over far ones).
+
+    Targets are scores (B, 6) or, for a reader's mean of two radiologists, score distributions
+    (B, 6, 4) (e.g. half 1, half 2), whose expected value is the ordinal target."""
 
     def __init__(self, ordinal_weight: float = 0.0):
         super().__init__()
         self.ordinal_weight = float(ordinal_weight)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits, targets = logits.float(), targets.long()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = logits.float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        if targets.dim() == logits.dim():                       # distributions
+            targets = targets.float()
+            loss = F.cross_entropy(flat, targets.reshape(-1, targets.shape[-1]))
+            true_scores = expected_scores(targets)
+        else:
+            loss = F.cross_entropy(flat, targets.long().reshape(-1))
+            true_scores = targets.float()
         if self.ordinal_weight:
             expected = expected_scores(torch.softmax(logits, dim=-1))
-            loss = loss + self.ordinal_weight * (expected - targets.float()).abs().mean()
+            loss = loss + self.ordinal_weight * (expected - true_scores).abs().mean()
         return loss
 
 
@@ -477,9 +584,11 @@ def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, de
     return results  # type: ignore[return-value]
 
 
-def aligned_sample(frame: np.ndarray, masks: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Warp the uint8 frame (S, S) and (3, S, S) masks with ``theta`` -> the packed scorer sample
-    (7, S, S) uint8: aligned frame + regions cut on the aligned lungs. Outside the original frame
-    is black, as an X-ray's border."""
+def aligned_sample(frame: np.ndarray, masks: np.ndarray, theta: np.ndarray,
+                   opacity: np.ndarray | None = None) -> np.ndarray:
+    """Warp the uint8 frame (S, S), (3, S, S) masks and the optional opacity map with ``theta`` -> the
+    packed scorer sample (7 or 8, S, S) uint8: aligned frame + regions cut on the aligned lungs
+    (+ aligned opacity). Outside the original frame is black, as an X-ray's border."""
     aligned_frame = np.clip(np.rint(warp_array(frame.astype(np.float32), theta)), 0, 255).astype(np.uint8)
-    return pack_scorer_sample(aligned_frame, region_masks(warp_array(masks, theta, mode="nearest")))
+    aligned_opacity = None if opacity is None else warp_array(np.asarray(opacity, dtype=np.float32), theta)
+    return pack_scorer_sample(aligned_frame, region_masks(warp_array(masks, theta, mode="nearest")), aligned_opacity)

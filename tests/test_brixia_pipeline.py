@@ -121,12 +121,12 @@ def test_scorer_heads_see_their_region():
     scorer = brixia.build_scorer(brixia.default_scorer("resnet10t", stage=2)).eval()
     image = torch.randn(1, 1, 64, 64)
     regions = torch.from_numpy(brixia.region_masks(_lungs(64)).astype(np.float32))[None]
-    logits = scorer(torch.cat([image, regions], 1))
+    logits = scorer(image, regions)
     assert logits.shape == (1, 6, 4)
     # changing the image inside region A changes head A more than head F (pooled inside the mask)
     changed = image.clone()
     changed[:, :, regions[0, 0] > 0] += 3
-    delta = (scorer(torch.cat([changed, regions], 1)) - logits).abs().sum(-1)[0]
+    delta = (scorer(changed, regions) - logits).abs().sum(-1)[0]
     assert delta[0] > delta[5]
 
 

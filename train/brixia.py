@@ -59,17 +59,21 @@ from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_kfold
+from tasks.brixia_film import film_measures, film_problem, limits_from_masks
 from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
+from tasks.intensity import POLICIES, default_intensity
 from train.brixia_data import (ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
                                read_gray, seg_sample)
-from train.brixia_metrics import (consensus_metrics, plot_score_report, plot_seg_report, score_metrics,
-                                  score_records, seg_metrics, seg_records, stn_loss, stn_metrics, stn_records)
-from train.handbone_metrics import SegmentationLoss
+from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, plot_score_report, plot_seg_report,
+                                  score_metrics, seg_metrics, stn_loss, stn_metrics, stn_records)
+from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, UNLABELLED, covid_qu_ex_cases, folder_cases,
+                                  is_cohen_annotations, jsrt_cases, read_cohen_annotations)
+from train.losses import SegmentationLoss
 from train.metrics import json_safe
 from train.reporting import data_source
 
 STAGES = ("seg", "stn", "score")
-IMAGE_FOLDERS = (".", "images", "dicom_clean", "png")
+IMAGE_FOLDERS = (".", "images", "dicom_clean", "png", "public-cohen-subset")
 SEG_PRIOR = 0.1   # a lung or the heart covers roughly a tenth of a chest film
 
 
@@ -84,11 +88,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    seg = stages.add_parser("seg", help="lung/heart segmentation", formatter_class=fmt,
-                            description="Train the smp lung/heart segmenter (3 sigmoid channels).")
-    seg.add_argument("images", type=Path, help="folder of chest X-rays (PNG/JPEG/DICOM)")
-    seg.add_argument("masks", type=Path, help="folder with one sub-folder of mask PNGs per structure "
-                                              "(right_lung, left_lung, heart), file names as the images")
+    seg = stages.add_parser("seg", help="lung/heart (+ opacity) segmentation", formatter_class=fmt,
+                            description="Train the smp segmenter: sigmoid channels right lung, left lung, heart and, "
+                                        "when a source labels it, lung opacity. Sources can be combined in one run; "
+                                        "a channel a source does not label contributes no loss.")
+    seg.add_argument("images", type=Path, nargs="?", help="folder of chest X-rays (PNG/JPEG/DICOM), with MASKS")
+    seg.add_argument("masks", type=Path, nargs="?", help="folder with one sub-folder of mask PNGs per structure "
+                                                         "(right_lung, left_lung, heart[, opacity]), names as the images")
+    seg.add_argument("--jsrt", type=Path, action="append", default=[], metavar="ROOT",
+                     help="a JSRT/SCR-style label-map set: ROOT/images/*.png + ROOT/masks/*.png (repeatable)")
+    seg.add_argument("--jsrt-values", type=int, nargs=3, default=list(JSRT_VALUES), metavar=("RIGHT", "LEFT", "HEART"),
+                     help="pixel values of right lung, left lung and heart in the label maps")
+    seg.add_argument("--covid-qu-ex", type=Path, action="append", default=[], metavar="ROOT",
+                     help="COVID-QU-Ex Infection Segmentation Data: every class folder under ROOT with images/, "
+                          "'lung masks/', 'infection masks/' (repeatable)")
+    seg.add_argument("--opacity", choices=("auto", "on", "off"), default="auto",
+                     help="a fourth channel for lung opacity (auto: when a source labels it)")
     seg.add_argument("--arch", default="Unet", help="smp architecture (Unet, UnetPlusPlus, FPN, ...)")
     seg.add_argument("--encoder", default="resnet34", help="smp encoder, or timm with the tu- prefix")
     seg.add_argument("--encoder-weights", default="none", help="'none' or 'imagenet' (downloads: needs internet)")
@@ -96,8 +111,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     seg.add_argument("--decoder-channels", type=int, nargs="+", default=None, help="Unet decoder channels")
     seg.add_argument("--size", type=int, default=512, help="square frame side (every stage uses the seg card's)")
     seg.add_argument("--fit", default="resize", choices=brixia.FITS, help="stretch to the frame or letterbox")
+    seg.add_argument("--intensity", default="center-percentile", choices=POLICIES,
+                     help="grey-level policy applied to every frame (tasks.intensity), recorded in the card")
     seg.add_argument("--loss", type=float, nargs=3, default=[1.0, 1.0, 0.0], metavar=("BCE", "DICE", "IOU"),
                      help="weights of BCE, Dice and IoU loss")
+    seg.add_argument("--cache-dir", type=Path, default=None,
+                     help="keep the preprocessed samples here between runs (default: memory only)")
     add_training_arguments(seg, epochs=40, batch_size=8, lr=1e-3, folds=5)
 
     stn = stages.add_parser("stn", help="spatial transformer aligning the lungs", formatter_class=fmt,
@@ -111,8 +130,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     score = stages.add_parser("score", help="region scorer; writes the served card", formatter_class=fmt,
                               description="Train the six-region scorer on BrixIA and bundle seg + stn into its card.")
-    score.add_argument("data", type=Path, help="folder with the images (also looked up in images/, dicom_clean/, png/)")
-    score.add_argument("--metadata", type=Path, required=True, help="metadata_global_v2.csv (';'-separated)")
+    score.add_argument("data", type=Path, help="folder with the images (also looked up in images/, dicom_clean/, png/, "
+                                               "public-cohen-subset/)")
+    score.add_argument("--metadata", type=Path, required=True,
+                       help="the BrixIA metadata_global_v2.csv (';'-separated) or the Cohen subset's "
+                            "public-annotations.csv (filename, S-A..S-F, J-A..J-F)")
+    score.add_argument("--reader", choices=READERS, default="senior",
+                       help="public-annotations.csv: which radiologist to train on (mean: half each); metrics are "
+                            "always against the senior reader, with the junior's agreement beside")
     score.add_argument("--consensus", type=Path, default=None,
                        help="metadata_consensus_v1.csv: ModeA-F/MeanA-F of the held-out consensus images")
     score.add_argument("--seg", type=Path, required=True, help="folder of the seg stage's card")
@@ -122,6 +147,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     score.add_argument("--stage", dest="trunk_stage", type=int, default=4,
                        help="last ResNet stage used (4 = all; 3 halves the feature stride and drops most weights)")
     score.add_argument("--pretrained", action="store_true", help="ImageNet trunk weights from timm (downloads)")
+    score.add_argument("--trunk-from-seg", action="store_true",
+                       help="start the trunk from the segmenter's encoder (fold 0; needs --encoder tu-BACKBONE)")
+    score.add_argument("--trunk-lr", type=float, default=1.0,
+                       help="learning-rate factor of the trunk (e.g. 0.1 to keep a transferred trunk close to it; "
+                            "0 freezes it)")
+    score.add_argument("--opacity", action="store_true",
+                       help="feed each region head its mean opacity and opacity extent from the segmenter's "
+                            "opacity channel (a seg card trained with one)")
+    score.add_argument("--shared-head", action="store_true", help="one head for all six regions (with a region code)")
+    score.add_argument("--decision", choices=brixia.DECISIONS, default="median",
+                       help="a region's score from its predicted distribution: median (least expected absolute "
+                            "error) or argmax")
     score.add_argument("--dropout", type=float, default=0.2, help="dropout before each region head")
     score.add_argument("--ordinal-weight", type=float, default=0.0,
                        help="weight of the mean |expected - true score| term added to the cross-entropy")
@@ -136,23 +173,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- stage tasks
 
-def _sampler(compute, cases: list, params: dict[str, Any], key) -> callable:
-    cache = PreprocessCache(lambda path: compute(by_key[str(path)]), params)
+def _sampler(compute, cases: list, params: dict[str, Any], key, folder: Path | None = None) -> callable:
+    cache = PreprocessCache(lambda path: compute(by_key[str(path)]), params, folder)
     by_key = {str(key(case)): case for case in cases}
     return lambda index: cache.get(key(cases[index]))
 
 
+def seg_cases(args: argparse.Namespace) -> list:
+    """Every film of every segmentation source given on the command line (sorted within a source)."""
+    if (args.images is None) != (args.masks is None):
+        raise SystemExit("give both IMAGES and MASKS (per-structure folders), or neither")
+    cases = []
+    if args.images is not None:
+        cases += folder_cases(args.images, args.masks)
+    for root in args.jsrt:
+        cases += jsrt_cases(root, args.jsrt_values)
+    for root in args.covid_qu_ex:
+        cases += covid_qu_ex_cases(root)
+    if not cases:
+        raise SystemExit("no segmentation data: give IMAGES MASKS, --jsrt ROOT and/or --covid-qu-ex ROOT")
+    keys = [case.key for case in cases]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("the same film is given twice (two sources share a folder?)")
+    return cases
+
+
 def seg_task(args: argparse.Namespace) -> TrainTask:
-    cases = find_mask_cases(args.masks, args.images)
-    input_spec = brixia.default_input_spec(args.size, args.fit)
-    architecture = brixia.default_segmenter(args.arch, args.encoder, encoder_depth=args.encoder_depth,
+    cases = seg_cases(args)
+    labels_opacity = any(case.masks[3] is not None for case in cases)
+    opacity = labels_opacity if args.opacity == "auto" else args.opacity == "on"
+    if opacity and not labels_opacity:
+        raise SystemExit("--opacity on, but no source labels opacity (COVID-QU-Ex infection masks, or an "
+                         "'opacity' mask folder)")
+    input_spec = brixia.default_input_spec(args.size, args.fit, default_intensity(args.intensity))
+    architecture = brixia.default_segmenter(args.arch, args.encoder, opacity=opacity, encoder_depth=args.encoder_depth,
                                             decoder_channels=args.decoder_channels)
+    labels = brixia.segmenter_labels(architecture)
     try:
         brixia.build_segmenter(architecture)
     except Exception as exc:
         raise SystemExit(f"cannot build {args.arch} with encoder {args.encoder!r}: {exc}") from exc
-    sample = _sampler(functools.partial(seg_sample, input_spec=input_spec), cases, {"input": input_spec},
-                      key=lambda case: case.image)
+    sample = _sampler(functools.partial(seg_sample, input_spec=input_spec, channels=len(labels)), cases,
+                      {"input": input_spec, "labels": labels}, key=lambda case: case.image, folder=args.cache_dir)
+    sources = [case.source for case in cases]
+    counts = {source: sources.count(source) for source in sorted(set(sources))}
+    labelled = {source: [name for c, name in enumerate(labels)
+                         if any(case.masks[c] is not None for case in cases if case.source == source)]
+                for source in counts}
 
     def build() -> torch.nn.Module:
         """Random (or pretrained-encoder) segmenter whose output bias starts at the logit of a structure's
@@ -164,22 +231,32 @@ def seg_task(args: argparse.Namespace) -> TrainTask:
         except RuntimeError as exc:
             raise SystemExit(str(exc)) from exc
 
+    card = {"task": "brixia-seg", "name": f"brixia-seg-{args.arch.lower()}-{args.encoder}-{args.size}",
+            "architecture": architecture, "input": input_spec, "labels": labels,
+            "output": {"activation": "sigmoid", "multilabel": True, "threshold": 0.5},
+            "data": {"n_images": len(cases), "sources": {source: {"n_images": n, "labels": labelled[source],
+                                                                  "note": SOURCE_NOTES.get(source.split("/")[0], "")}
+                                                         for source, n in counts.items()},
+                     "source": data_source(Path(args.images or (args.jsrt + args.covid_qu_ex)[0]),
+                                           "chest X-rays with lung/heart masks")},
+            "training": {"loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU over the labelled (image, channel) pairs".format(*args.loss),
+                         "optimizer": "AdamW(weight_decay=1e-5)", "scheduler": "cosine",
+                         "augmentation": "rotation +-10, scale 0.9-1.1, shift +-5% (p 0.7), brightness/contrast "
+                                         "(p 0.7); never a horizontal flip (it swaps the lungs)"}}
+
+    heart = labels.index("heart")
+    card["output"]["film_limits"] = limits_from_masks(
+        [sample(k)[1:4] == 1 for k, case in enumerate(cases)
+         if case.masks[0] is not None and case.masks[1] is not None and case.masks[heart] is not None])
+
     return TrainTask(
-        name="brixia-seg", items=[case.image.name for case in cases], strata=[0] * len(cases),
+        name="brixia-seg", items=[case.key for case in cases], strata=[sorted(counts).index(s) for s in sources],
         dataset=lambda indices, train: SegSamples(sample, indices, input_spec, train),
-        build_model=build, loss=SegmentationLoss(args.loss), records=seg_records, metrics=seg_metrics,
+        build_model=build, loss=SegmentationLoss(args.loss), records=SegRecords(labels, sources), metrics=seg_metrics,
         score_key="dice", report=plot_seg_report,
         make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-5),
         make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
-        card={"task": "brixia-seg", "name": f"brixia-seg-{args.arch.lower()}-{args.encoder}-{args.size}",
-              "architecture": architecture, "input": input_spec, "labels": list(brixia.STRUCTURES),
-              "output": {"activation": "sigmoid", "multilabel": True, "threshold": 0.5},
-              "data": {"images": str(args.images), "masks": str(args.masks), "n_images": len(cases),
-                       "source": data_source(Path(args.images), f"images {args.images}, masks {args.masks}")},
-              "training": {"loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
-                           "optimizer": "AdamW(weight_decay=1e-5)", "scheduler": "cosine",
-                           "augmentation": "rotation +-10, scale 0.9-1.1, shift +-5% (p 0.7), brightness/contrast "
-                                           "(p 0.7); never a horizontal flip (it swaps the lungs)"}},
+        card=card,
     )
 
 
@@ -225,21 +302,31 @@ def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[
 
 
 class Pipeline:
-    """Segment -> clean -> align -> regions for training images (the daemon runs the same steps)."""
+    """Segment -> clean -> align -> regions (+ aligned opacity) for training images, as the daemon runs
+    them; also notes for every film the alignment used and whether the daemon's film check
+    (``tasks.brixia_film``) would refuse it."""
 
     def __init__(self, seg_card: dict[str, Any], seg: list[torch.nn.Module], stn: list[torch.nn.Module],
-                 device: torch.device):
+                 device: torch.device, opacity: bool = False):
         self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
+        self.opacity = opacity
+        self.film_limits = (seg_card.get("output") or {}).get("film_limits")
         self.methods: dict[str, int] = {}
+        self.refused: dict[str, str] = {}
+        self.measures: list[dict[str, Any]] = []
 
     @torch.no_grad()
     def __call__(self, path: Path) -> np.ndarray:
         tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
         probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
         masks = brixia.clean_masks(probabilities)
+        problem = film_problem(masks, self.film_limits)
+        if problem is not None:
+            self.refused[Path(path).name] = problem
+        self.measures.append(film_measures(masks))
         ((theta, method),) = brixia.align_batch([masks], self.stn, self.device)
         self.methods[method] = self.methods.get(method, 0) + 1
-        return brixia.aligned_sample(frame, masks, theta)
+        return brixia.aligned_sample(frame, masks, theta, brixia.opacity_map(probabilities) if self.opacity else None)
 
 
 def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -255,37 +342,69 @@ def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, 
     return found, missing
 
 
+def _grouped_adamw(parameters, lr: float) -> torch.optim.Optimizer:
+    """AdamW whose parameter groups follow each parameter's ``lr_factor`` (set on the trunk by
+    ``--trunk-lr``; 0 means frozen, left out)."""
+    groups: dict[float, list] = {}
+    for parameter in parameters:
+        groups.setdefault(float(getattr(parameter, "lr_factor", 1.0)), []).append(parameter)
+    return torch.optim.AdamW([{"params": params, "lr": lr * factor} for factor, params in sorted(groups.items())
+                              if factor > 0], lr=lr, weight_decay=1e-4)
+
+
+def seg_encoder_state(seg_dir: Path, seg_card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Fold 0 of the segmenter card: the weights whose encoder a transferred scorer trunk starts from."""
+    return load_state_dict(cards.fold_paths(seg_dir, seg_card)[0])
+
+
 def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: Pipeline,
                rows: list[dict[str, Any]], stage_cards: dict[str, Any]) -> TrainTask:
     input_spec = pipeline.input_spec
-    architecture = brixia.default_scorer(args.backbone, args.trunk_stage, args.dropout)
+    architecture = {**brixia.default_scorer(args.backbone, args.trunk_stage, args.dropout),
+                    "opacity": bool(args.opacity), "shared_head": bool(args.shared_head)}
     try:
-        brixia.build_scorer(architecture)
+        probe = brixia.build_scorer(architecture)
     except Exception as exc:
         raise SystemExit(f"cannot build the scorer with backbone {args.backbone!r} stage {args.trunk_stage}: {exc}") from exc
+    trunk_state = None
+    if args.trunk_from_seg:
+        try:
+            trunk_state = brixia.trunk_state_from_segmenter(seg_encoder_state(args.seg, stage_cards["seg"]), probe)
+        except ValueError as exc:
+            raise SystemExit(f"--trunk-from-seg: {exc}") from None
     params = {"input": input_spec, "seg": [f["sha256"] for f in stage_cards["seg"]["folds"]],
               "stn": [f["sha256"] for f in stage_cards["stn"]["folds"]] if stage_cards.get("stn") else None,
-              "mask_theta": list(brixia.CANONICAL_BOX)}
+              "mask_theta": list(brixia.CANONICAL_BOX), "opacity": bool(args.opacity)}
     cache = PreprocessCache(pipeline, params, args.cache_dir)
     paths = [row["path"] for row in rows]
     cache.fill(paths, context, desc="segment + align")
-    scores = [row["scores"] for row in rows]
+    targets = [row.get("target", row["scores"]) for row in rows]
+    reference = [row.get("reference", row["scores"]) for row in rows]
+    second_reader = [row["junior"] for row in rows] if all("junior" in row for row in rows) else None
 
     def build() -> torch.nn.Module:
         try:
-            return brixia.build_scorer(architecture, pretrained=args.pretrained)
+            network = brixia.build_scorer(architecture, pretrained=args.pretrained)
         except Exception as exc:
             raise SystemExit(f"cannot build the scorer: {exc}") from exc
+        if trunk_state is not None:
+            network.trunk.load_state_dict(trunk_state, strict=True)
+        for parameter in network.trunk.parameters():
+            parameter.lr_factor = args.trunk_lr
+            parameter.requires_grad_(args.trunk_lr > 0)
+        return network
 
     subjects = [row.get("Subject") or row["Filename"] for row in rows]
+    reader = args.reader if second_reader is not None else "metadata BrixiaScore"
     return TrainTask(
         name=brixia.TASK, items=[row["Filename"] for row in rows],
-        strata=[min(row["global"] // 4, 3) for row in rows], groups=subjects,
+        strata=[min(sum(ref) // 4, 3) for ref in reference], groups=subjects,
         dataset=lambda indices, train: ScoreSamples(lambda index: cache.get(paths[index]), indices, input_spec, train,
-                                                    scores=scores),
-        build_model=build, loss=brixia.RegionLoss(args.ordinal_weight), records=score_records,
+                                                    targets=targets),
+        build_model=build, loss=brixia.RegionLoss(args.ordinal_weight),
+        records=ScoreRecords(reference, second_reader, args.decision),
         metrics=score_metrics, score_key="accuracy", report=plot_score_report,
-        make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4),
+        make_optimizer=_grouped_adamw,
         make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
         card={"task": brixia.TASK,
               "name": f"brixia-{args.backbone}-s{args.trunk_stage}-{input_spec['size'][0]}",
@@ -294,14 +413,22 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
                                "score": architecture},
               "input": input_spec, "labels": list(brixia.REGIONS),
               "output": {"levels": brixia.SCORE_LEVELS, "global": "sum of the six region scores (0-18)",
+                         "decision": args.decision,
                          "alignment": "stn" if stage_cards.get("stn") else "masks",
-                         "canonical_box": list(brixia.CANONICAL_BOX)},
+                         "canonical_box": list(brixia.CANONICAL_BOX),
+                         "film_limits": (stage_cards["seg"].get("output") or {}).get("film_limits")},
               "data": {"root": str(args.data), "metadata": str(args.metadata), "n_images": len(rows),
-                       "n_subjects": len(set(subjects)),
-                       "source": data_source(Path(args.data), f"BrixIA-format metadata {args.metadata}")},
+                       "n_subjects": len(set(subjects)), "reader": reader,
+                       "reference": "senior radiologist (S-A..S-F)" if second_reader is not None else
+                                    "metadata BrixiaScore",
+                       "source": data_source(Path(args.data), f"Brixia-scored films, {args.metadata}")},
               "training": {"loss": f"mean CE over 6 regions + {args.ordinal_weight:g} * |E[score] - score|",
                            "optimizer": "AdamW(weight_decay=1e-4)", "scheduler": "cosine",
-                           "folds": "StratifiedGroupKFold by Subject, strata = global score // 4",
+                           "trunk": ("segmenter encoder (fold 0)" if trunk_state is not None else
+                                     "ImageNet (timm)" if args.pretrained else "random init") +
+                                    f", lr x{args.trunk_lr:g}",
+                           "folds": "StratifiedGroupKFold by Subject (patient, from the file names for the Cohen "
+                                    "subset), strata = global score // 4",
                            "augmentation": "rotation +-5, scale 0.95-1.05, shift +-3% (p 0.6), brightness/contrast "
                                            "(p 0.7) on the aligned image and regions; no flips",
                            "alignment_methods": pipeline.methods}},
@@ -330,6 +457,17 @@ def _bundle(out: Path, card: dict[str, Any], stage_cards: dict[str, Any], stage_
     return card
 
 
+def film_ranges(measures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Percentiles (1, 50, 99) of each film measure over the scored training films: the ranges an
+    output check can compare a served film with."""
+    ranges = {}
+    for key in ("right_lung_fraction", "left_lung_fraction", "heart_fraction", "heart_lean", "vertical_overlap"):
+        values = [m[key] for m in measures if m.get(key) is not None]
+        if values:
+            ranges[key] = [round(float(v), 4) for v in np.percentile(values, [1, 50, 99])]
+    return {"n": len(measures), "percentiles": [1, 50, 99], **ranges}
+
+
 def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows: list[dict[str, Any]],
                        consensus: dict[str, dict[str, Any]] | None, device: torch.device) -> dict[str, Any] | None:
     """Score the held-out consensus images with the mean of the fold scorers."""
@@ -342,11 +480,13 @@ def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows
             network.load_state_dict(load_state_dict(out / fold["file"]), strict=True)
             networks.append(network.eval().to(device))
     predicted, truth = [], []
+    decision = card["output"].get("decision", "argmax")
     with torch.no_grad():
         for row in rows:
-            x = brixia.scorer_input(pipeline(row["path"]), pipeline.input_spec)[None].to(device)
-            probabilities = torch.stack([torch.softmax(n(x).float(), -1) for n in networks]).mean(0)[0]
-            predicted.append(probabilities.argmax(-1).cpu().numpy())
+            inputs = {key: value[None].to(device)
+                      for key, value in brixia.scorer_inputs(pipeline(row["path"]), pipeline.input_spec).items()}
+            probabilities = torch.stack([torch.softmax(n(**inputs).float(), -1) for n in networks]).mean(0)[0]
+            predicted.append(brixia.decide_scores(probabilities, decision).cpu().numpy())
             entry = (consensus or {}).get(row["Filename"])
             truth.append(entry if entry is not None else {"mode": row["scores"], "mean": row["scores"]})
     result = consensus_metrics(np.array(predicted), truth)
@@ -360,7 +500,10 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"{name} {path} does not exist")
     try:
-        rows = brixia.read_metadata(args.metadata)
+        if is_cohen_annotations(args.metadata):
+            rows = read_cohen_annotations(args.metadata, args.reader)
+        else:
+            rows = brixia.read_metadata(args.metadata)
         consensus = brixia.read_consensus(args.consensus) if args.consensus else None
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
@@ -377,7 +520,10 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
     if stn_card is not None and stn_card["input"]["size"] != seg_card["input"]["size"]:
         raise SystemExit(f"the STN was trained on a {stn_card['input']['size']} frame, the segmenter on "
                          f"{seg_card['input']['size']}: train both with the same --size")
-    pipeline = Pipeline(seg_card, seg, stn, context.device)
+    if args.opacity and brixia.OPACITY not in brixia.segmenter_labels(seg_card["architecture"]):
+        raise SystemExit(f"--opacity needs a segmenter with an opacity channel; {args.seg} has "
+                         f"{', '.join(brixia.segmenter_labels(seg_card['architecture']))} (train seg with COVID-QU-Ex)")
+    pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity)
     stage_cards = {"seg": seg_card, "stn": stn_card}
     task = score_task(args, context, pipeline, training_rows, stage_cards)
     card = run_kfold(task, args, context, module="train.brixia")
@@ -387,6 +533,11 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
     card = _bundle(out, card, stage_cards, {"seg": args.seg, "stn": args.stn})
     card["metrics"]["consensus"] = evaluate_consensus(out, card, pipeline, consensus_rows, consensus, context.device)
     card["data"]["n_consensus_held_out"] = len(consensus_rows)
+    card["metrics"]["film_check"] = {
+        "films_checked": len(pipeline.measures), "refused": len(pipeline.refused),
+        "refused_films": pipeline.refused,
+        "note": "frontal training films the daemon's film check (tasks.brixia_film) would refuse"}
+    card["output"]["film_measures"] = film_ranges(pipeline.measures)
     cards.write_card(out, json_safe(card))
     pooled = card["metrics"]["pooled"]
     print(f"brixia score card {out / cards.CARD_FILE}: out-of-fold region accuracy {pooled['accuracy']:.3f}, "

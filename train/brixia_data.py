@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tasks import brixia
 from tasks.frames import fit_masks_to_model, fit_to_model
 from tasks.imaging import ImageReadError, read_image
+from train.brixia_sources import UNLABELLED, SegCase, case_targets
 from train.common import augmentation_generator
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
@@ -111,15 +112,15 @@ def case_masks(case: MaskCase) -> np.ndarray:
     return np.stack(masks)
 
 
-def seg_sample(case: MaskCase, input_spec: dict[str, Any]) -> np.ndarray:
-    """Image and masks in the model frame as one uint8 (1 + 3, S, S) array (cacheable)."""
+def seg_sample(case: SegCase, input_spec: dict[str, Any], channels: int) -> np.ndarray:
+    """Image and masks in the model frame as one uint8 (1 + channels, S, S) array (cacheable): masks
+    0/1, a channel the source does not label filled with ``UNLABELLED``."""
     gray = read_gray(case.image)
-    masks = case_masks(case)
-    if masks.shape[1:] != gray.shape:
-        masks = np.stack([cv2.resize(m.astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-                          for m in masks])
-    frame, geometry = fit_to_model(gray, input_spec)
-    return np.concatenate([frame[None], fit_masks_to_model(masks, geometry).astype(np.uint8)])
+    masks, labelled = case_targets(case, channels, gray.shape)
+    frame, geometry = brixia.prepare_frame(gray, input_spec)
+    fitted = fit_masks_to_model(masks, geometry).astype(np.uint8)
+    fitted[~labelled] = UNLABELLED
+    return np.concatenate([frame[None], fitted])
 
 
 def mask_sample(case: MaskCase, input_spec: dict[str, Any]) -> np.ndarray:
@@ -171,12 +172,13 @@ class _Samples(Dataset):
 
 
 class SegSamples(_Samples):
-    """-> (normalised image (1, S, S), float masks (3, S, S), index)."""
+    """-> (normalised image (1, S, S), float masks (C, S, S) with -1 on channels not labelled, index)."""
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         stacked = self.sample(index)
         image, masks = stacked[0], stacked[1:]
+        unlabelled = (masks == UNLABELLED).all(axis=(1, 2))
         if self.train:
             draws = _draws(self.generator, 6)
             if draws[0] < 0.7:
@@ -184,7 +186,9 @@ class SegSamples(_Samples):
                 image, masks = warped[0], np.stack(warped[1:])
             if draws[4] < 0.7:
                 image = jitter_intensity(image, _draws(self.generator, 2))
-        return brixia.to_tensor(image, self.input_spec), torch.from_numpy(np.ascontiguousarray(masks)).float(), index
+        target = torch.from_numpy(np.ascontiguousarray(masks)).float()
+        target[torch.from_numpy(unlabelled)] = -1.0
+        return brixia.to_tensor(image, self.input_spec), target, index
 
 
 class StnSamples(_Samples):
@@ -219,11 +223,12 @@ class StnSamples(_Samples):
 
 
 class ScoreSamples(_Samples):
-    """-> (packed scorer input (7, S, S), region scores (6,) long, index)."""
+    """-> (scorer inputs {image, regions[, opacity]}, targets, index): targets are region scores (6,)
+    long, or score distributions (6, 4) float for a mean of readers."""
 
-    def __init__(self, *args, scores: list[list[int]], **kwargs):
+    def __init__(self, *args, targets: list, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scores = scores
+        self.targets = targets
 
     def __getitem__(self, position: int):
         index = self.indices[position]
@@ -236,5 +241,7 @@ class ScoreSamples(_Samples):
             if draws[4] < 0.7:
                 packed = packed.copy()
                 packed[0] = jitter_intensity(packed[0], _draws(self.generator, 2))
-        return (brixia.scorer_input(packed, self.input_spec), torch.tensor(self.scores[index], dtype=torch.long),
-                index)
+        target = np.asarray(self.targets[index])
+        target = torch.from_numpy(target.astype(np.float32)) if target.ndim == 2 else \
+            torch.from_numpy(target.astype(np.int64))
+        return brixia.scorer_inputs(packed, self.input_spec), target, index

@@ -22,24 +22,54 @@ from train.metrics import _pyplot
 
 # ---------------------------------------------------------------- segmentation
 
-def seg_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
-    """Dice of each structure per image (threshold 0.5, largest component as served)."""
-    probabilities = torch.sigmoid(outputs.float()).numpy()
-    truth = targets.numpy() > 0.5
-    records = []
-    for index, probs, true in zip(indices.tolist(), probabilities, truth):
-        predicted = brixia.clean_masks(probs)
-        dice = dice_per_class(predicted, true).tolist()
-        records.append({"index": int(index), "dice": float(np.mean(dice)),
-                        **{f"dice_{name}": d for name, d in zip(brixia.STRUCTURES, dice)}})
-    return records
+class SegRecords:
+    """Validation batch -> per image the Dice of each labelled channel (NaN where the source does not
+    label it), as served: threshold 0.5, largest component for the lungs and heart; the opacity
+    channel as thresholded."""
+
+    def __init__(self, labels: Sequence[str], sources: Sequence[str]):
+        self.labels, self.sources = list(labels), list(sources)
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
+        probabilities = torch.sigmoid(outputs.float()).numpy()
+        records = []
+        for index, probs, target in zip(indices.tolist(), probabilities, targets.numpy()):
+            predicted = np.concatenate([brixia.clean_masks(probs), probs[len(brixia.STRUCTURES):] > 0.5])
+            labelled = (target.reshape(len(target), -1) >= 0).all(-1)
+            dice = dice_per_class(predicted, target > 0.5)
+            record: dict[str, Any] = {"index": int(index), "source": self.sources[index]}
+            record.update({f"dice_{name}": (float(d) if ok else float("nan"))
+                           for name, d, ok in zip(self.labels, dice, labelled)})
+            anatomy = [record[f"dice_{name}"] for name in brixia.STRUCTURES if f"dice_{name}" in record]
+            anatomy = [d for d in anatomy if not np.isnan(d)]
+            record["dice"] = float(np.mean(anatomy)) if anatomy else float("nan")
+            records.append(record)
+        return records
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else None
 
 
 def seg_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean Dice per channel over the images that label it, per source too; ``dice`` (the selection
+    score) = the mean of the three anatomical structures' Dice."""
     if not records:
         return {"n": 0, "dice": float("nan")}
-    per = {name: float(np.mean([r[f"dice_{name}"] for r in records])) for name in brixia.STRUCTURES}
-    return {"n": len(records), "dice": float(np.mean(list(per.values()))), "dice_per_structure": per}
+    labels = [key[len("dice_"):] for key in records[0] if key.startswith("dice_")]
+
+    def per_channel(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+        return {name: _nanmean([r[f"dice_{name}"] for r in rows]) for name in labels}
+
+    per = per_channel(records)
+    anatomy = [per[name] for name in brixia.STRUCTURES if per.get(name) is not None]
+    sources = sorted({r.get("source", "all") for r in records})
+    per_source = {source: {"n": sum(r.get("source", "all") == source for r in records),
+                           **per_channel([r for r in records if r.get("source", "all") == source])}
+                  for source in sources}
+    return {"n": len(records), "dice": float(np.mean(anatomy)) if anatomy else float("nan"),
+            "dice_per_structure": per, "dice_per_source": per_source}
 
 
 # ---------------------------------------------------------------- STN
@@ -74,22 +104,37 @@ def stn_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- scores
 
-def score_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
-    """Per image: probabilities, predicted and true score of each region, and the global scores."""
-    probabilities = torch.softmax(outputs.float(), dim=-1).numpy()
-    records = []
-    for index, probs, true in zip(indices.tolist(), probabilities, targets.numpy()):
-        predicted = probs.argmax(axis=-1)
-        record: dict[str, Any] = {"index": int(index)}
-        for r, region in enumerate(brixia.REGIONS):
-            record[f"true_{region}"] = int(true[r])
-            record[f"pred_{region}"] = int(predicted[r])
-            record.update({f"p_{region}{level}": float(probs[r, level]) for level in range(brixia.SCORE_LEVELS)})
-        record["true_global"] = int(true.sum())
-        record["pred_global"] = int(predicted.sum())
-        record["expected_global"] = float((probs * np.arange(brixia.SCORE_LEVELS)).sum())
-        records.append(record)
-    return records
+class ScoreRecords:
+    """Validation batch -> per image the probabilities, the predicted score of each region (by the
+    card's ``decision``: the median of the predicted distribution, which minimises the expected
+    absolute error, or its argmax) and the reference reader's scores, looked up by index (the
+    training target may be another reader, or a mean). ``second_reader``: another radiologist's
+    scores of the same films, kept beside as the human anchor."""
+
+    def __init__(self, reference: Sequence[Sequence[int]], second_reader: Sequence[Sequence[int]] | None = None,
+                 decision: str = "median"):
+        self.reference, self.second_reader, self.decision = reference, second_reader, decision
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
+        probabilities = torch.softmax(outputs.float(), dim=-1)
+        predicted_all = brixia.decide_scores(probabilities, self.decision).numpy()
+        argmax_all = probabilities.argmax(-1).numpy()
+        records = []
+        for index, probs, predicted, argmax in zip(indices.tolist(), probabilities.numpy(), predicted_all, argmax_all):
+            true = np.asarray(self.reference[index])
+            record: dict[str, Any] = {"index": int(index)}
+            for r, region in enumerate(brixia.REGIONS):
+                record[f"true_{region}"] = int(true[r])
+                record[f"pred_{region}"] = int(predicted[r])
+                record[f"argmax_{region}"] = int(argmax[r])
+                record.update({f"p_{region}{level}": float(probs[r, level]) for level in range(brixia.SCORE_LEVELS)})
+                if self.second_reader is not None:
+                    record[f"reader2_{region}"] = int(self.second_reader[index][r])
+            record["true_global"] = int(true.sum())
+            record["pred_global"] = int(predicted.sum())
+            record["expected_global"] = float((probs * np.arange(brixia.SCORE_LEVELS)).sum())
+            records.append(record)
+        return records
 
 
 def _correlations(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
@@ -128,10 +173,28 @@ def region_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _scores(records: Sequence[dict[str, Any]], prefix: str) -> np.ndarray:
+    return np.array([[r[f"{prefix}_{g}"] for g in brixia.REGIONS] for r in records]).reshape(-1, len(brixia.REGIONS))
+
+
 def score_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    truth = np.array([[r[f"true_{g}"] for g in brixia.REGIONS] for r in records]).reshape(-1, len(brixia.REGIONS))
-    predicted = np.array([[r[f"pred_{g}"] for g in brixia.REGIONS] for r in records]).reshape(-1, len(brixia.REGIONS))
-    return region_metrics(truth, predicted)
+    """Region and global metrics of the predictions against the reference reader; with the argmax
+    decision beside, the expected global score's MAE, and the second reader's agreement with the
+    reference on the same films (the human anchor) when the records carry it."""
+    truth = _scores(records, "true")
+    metrics = region_metrics(truth, _scores(records, "pred"))
+    if records and "argmax_A" in records[0]:
+        argmax = region_metrics(truth, _scores(records, "argmax"))
+        metrics["argmax"] = {key: argmax[key] for key in ("accuracy", "mae", "global_mae", "global_spearman")}
+    if records and "expected_global" in records[0]:
+        expected = np.array([r["expected_global"] for r in records])
+        metrics["expected_global_mae"] = float(np.mean(np.abs(expected - truth.sum(1))))
+        metrics["expected_global_spearman"] = _correlations(truth.sum(1), expected)[1]
+    if records and "reader2_A" in records[0]:
+        human = region_metrics(truth, _scores(records, "reader2"))
+        metrics["second_reader"] = {key: human[key] for key in ("accuracy", "mae", "global_mae", "global_pearson",
+                                                                "global_spearman")}
+    return metrics
 
 
 def consensus_metrics(predicted: np.ndarray, consensus: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -179,15 +242,22 @@ def plot_score_report(records: Sequence[dict[str, Any]], metrics: dict[str, Any]
 
 
 def plot_seg_report(records: Sequence[dict[str, Any]], metrics: dict[str, Any], out: str | Path) -> list[Path]:
-    """``dice_per_structure.png``: pooled out-of-fold Dice of each structure."""
+    """``dice_per_structure.png``: pooled out-of-fold Dice of each channel, one bar group per source."""
     plt = _pyplot()
-    values = [metrics["dice_per_structure"][name] for name in brixia.STRUCTURES]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(range(3), values, color=["tab:blue", "tab:orange", "tab:red"])
-    for k, value in enumerate(values):
-        ax.text(k, value + 0.01, f"{value:.3f}", ha="center")
-    ax.set(xticks=range(3), xticklabels=brixia.STRUCTURES, ylim=(0, 1.08), ylabel="Dice",
-           title=f"Out-of-fold segmentation Dice (mean {metrics['dice']:.3f})")
+    per_source = metrics.get("dice_per_source") or {"all": metrics["dice_per_structure"]}
+    labels = list(metrics["dice_per_structure"])
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(labels), 3.8))
+    width = 0.8 / max(1, len(per_source))
+    for k, (source, values) in enumerate(per_source.items()):
+        xs = [i + (k - (len(per_source) - 1) / 2) * width for i in range(len(labels))]
+        heights = [values.get(name) or 0.0 for name in labels]
+        ax.bar(xs, heights, width=width, label=f"{source} (n={values.get('n', '?')})")
+        for x, name, height in zip(xs, labels, heights):
+            if values.get(name) is not None:
+                ax.text(x, height + 0.01, f"{height:.3f}", ha="center", fontsize=7, rotation=90)
+    ax.set(xticks=range(len(labels)), xticklabels=labels, ylim=(0, 1.15), ylabel="Dice",
+           title=f"Out-of-fold segmentation Dice (anatomy mean {metrics['dice']:.3f})")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(out) / "dice_per_structure.png"
     fig.savefig(path, dpi=90)

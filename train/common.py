@@ -146,16 +146,33 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """A batch's tensors moved to ``device``, through dicts, lists and tuples (a task's inputs may be
+    several tensors, e.g. the brixia scorer's image, regions and opacity map)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device, non_blocking) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device, non_blocking) for value in batch)
+    return batch
+
+
+def forward(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    """``model(inputs)``, or ``model(**inputs)`` when a dataset yields its inputs as a dict."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def _train_epoch(task: TrainTask, model, loader, optimizer, scaler, context: DistributedContext,
                  amp: bool, desc: str) -> float:
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not context.is_main, leave=False, file=sys.stderr)
     for inputs, targets, _ in bar:
-        inputs, targets = inputs.to(context.device, non_blocking=True), targets.to(context.device, non_blocking=True)
+        inputs, targets = to_device(inputs, context.device, True), to_device(targets, context.device, True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=context.device.type, enabled=amp):
-            loss = task.loss(model(inputs), targets)
+            loss = task.loss(forward(model, inputs), targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -177,9 +194,9 @@ def _validate(task: TrainTask, model, dataset: Dataset, batch_size: int, workers
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)
     total, count, records = 0.0, 0, []
     for inputs, targets, indices in loader:
-        inputs, targets = inputs.to(context.device), targets.to(context.device)
+        inputs, targets = to_device(inputs, context.device), to_device(targets, context.device)
         with torch.autocast(device_type=context.device.type, enabled=amp):
-            outputs = network(inputs)
+            outputs = forward(network, inputs)
         outputs = outputs.float()
         total += float(task.loss(outputs, targets)) * len(targets)
         count += len(targets)
@@ -215,7 +232,7 @@ def recalibrate_batch_norm(model: torch.nn.Module, dataset: Dataset, batch_size:
     for batch, (inputs, _, _) in enumerate(loader):
         if batch >= max_batches:
             break
-        network(inputs.to(context.device))
+        forward(network, to_device(inputs, context.device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
         if context.distributed:
@@ -298,7 +315,13 @@ def _train_fold(task: TrainTask, args, context: DistributedContext, fold: int,
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+    return {key: plain(value) for key, value in vars(args).items()}
 
 
 def run_kfold(task: TrainTask, args: argparse.Namespace, context: DistributedContext, module: str) -> dict | None:

@@ -1,7 +1,7 @@
 """Hand-bone loss, validation Dice at the original resolution, and the per-class Dice plot.
 
-Loss: weighted BCE + soft Dice + soft IoU on the model-frame masks, with the seed's ``--loss``
-weights (default 1 1 1).
+Loss: ``train.losses.SegmentationLoss``, weighted BCE + soft Dice + soft IoU on the model-frame
+masks, with the seed's ``--loss`` weights (default 1 1 1).
 
 Validation Dice (the selection score) is computed as the competition scores it, and unlike the
 seed's validation, at the image's own resolution: the sigmoid maps are mapped back through the
@@ -19,34 +19,7 @@ import torch
 
 from tasks import handbone
 from train.handbone_data import Case, geometry_of, original_masks
-
-
-class SegmentationLoss(torch.nn.Module):
-    """``w_bce * BCE + w_dice * (1 - soft Dice) + w_iou * (1 - soft IoU)`` over logits (B, C, H, W)."""
-
-    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0), eps: float = 1.0):
-        super().__init__()
-        if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"--loss takes three non-negative weights (BCE Dice IoU), not {list(weights)}")
-        self.weights = tuple(float(w) for w in weights)
-        self.eps = eps
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits, targets = logits.float(), targets.float()
-        w_bce, w_dice, w_iou = self.weights
-        loss = logits.new_zeros(())
-        if w_bce:
-            loss = loss + w_bce * torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
-        if w_dice or w_iou:
-            probabilities = torch.sigmoid(logits).flatten(2)
-            flat = targets.flatten(2)
-            inter = (probabilities * flat).sum(-1)
-            total = probabilities.sum(-1) + flat.sum(-1)
-            if w_dice:
-                loss = loss + w_dice * (1 - ((2 * inter + self.eps) / (total + self.eps)).mean())
-            if w_iou:
-                loss = loss + w_iou * (1 - ((inter + self.eps) / (total - inter + self.eps)).mean())
-        return loss
+from train.losses import SegmentationLoss  # noqa: F401  (handbone's loss; defined with the other losses)
 
 
 class DiceRecords:

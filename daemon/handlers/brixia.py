@@ -30,6 +30,7 @@ from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import brixia
+from tasks.brixia_film import film_problem
 from tasks.cards import CardError
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
@@ -64,6 +65,7 @@ class Inferred:
     probabilities: np.ndarray        # (6, 4)
     cams: np.ndarray | None          # (6, S, S) in [0, 1], unaligned frame
     regions: np.ndarray              # (6, S, S) bool, aligned frame
+    opacity: np.ndarray | None       # (6, 2) per region: mean opacity probability, share above 0.5
 
 
 class BrixiaHandler(TaskHandler):
@@ -100,7 +102,7 @@ class BrixiaHandler(TaskHandler):
         frame = np.zeros((size, size), np.uint8)
         cv2.ellipse(frame, (size * 3 // 10, size // 2), (size // 8, size // 4), 0, 0, 360, 255, -1)
         tensor, frame, geometry = brixia.preprocess(frame, self.card["input"])
-        self.infer([Prepared(tensor, frame, geometry, frame, "masks", True)], require_lungs=False)
+        self.infer([Prepared(tensor, frame, geometry, frame, "masks", True)], check_film=False)
         explain.heat_rgba(np.zeros((2, 2), np.float32))   # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
@@ -120,7 +122,11 @@ class BrixiaHandler(TaskHandler):
         tensor, frame, geometry = brixia.preprocess(gray, self.card["input"])
         return Prepared(tensor, frame, geometry, gray, job.options["alignment"], job.options["cams"])
 
-    def infer(self, batch: list[Prepared], require_lungs: bool = True) -> list[Inferred | ServiceError]:
+    @property
+    def uses_opacity(self) -> bool:
+        return bool((self.card.get("architecture") or {}).get("score", {}).get("opacity", False))
+
+    def infer(self, batch: list[Prepared], check_film: bool = True) -> list[Inferred | ServiceError]:
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
         with torch.inference_mode(), self.autocast():
@@ -132,43 +138,49 @@ class BrixiaHandler(TaskHandler):
             for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.of("stn"), device, method)):
                 aligned[k] = result
         results: list[Inferred | ServiceError | None] = [None] * len(batch)
-        packed, regions, keep = [], [], []
+        samples, keep = [], []
+        limits = (self.card.get("output") or {}).get("film_limits")
         for k, item in enumerate(batch):
-            theta, _ = aligned[k]
-            sample = brixia.aligned_sample(item.frame, masks[k], theta)
-            if require_lungs and not (sample[1:4].any() and sample[4:7].any()):
-                results[k] = ServiceError(UNREADABLE_IMAGE, "no right and left lung found in the image: brixia "
-                                                            "scores frontal chest X-rays (PA/AP)")
+            problem = film_problem(masks[k], limits) if check_film else None
+            if problem is not None:
+                # A score of a film that is not frontal, or mirrored, would be a number without meaning.
+                results[k] = ServiceError(UNREADABLE_IMAGE, problem)
                 continue
-            packed.append(brixia.scorer_input(sample, self.card["input"]))
-            regions.append(sample[1:].astype(bool))
+            theta, _ = aligned[k]
+            opacity = brixia.opacity_map(probabilities[k]) if self.uses_opacity else None
+            samples.append(brixia.aligned_sample(item.frame, masks[k], theta, opacity))
             keep.append(k)
         if keep:
-            scores, cams = self._score(torch.stack(packed).to(device), [batch[k].cams for k in keep])
+            packed = [brixia.scorer_inputs(sample, self.card["input"]) for sample in samples]
+            stacked = {key: torch.stack([p[key] for p in packed]).to(device) for key in packed[0]}
+            scores, cams = self._score(stacked, [batch[k].cams for k in keep])
+            region_opacity = (brixia.region_opacity(stacked["regions"], stacked["opacity"]).cpu().numpy()
+                              if "opacity" in stacked else None)
             for row, k in enumerate(keep):
                 theta, method = aligned[k]
                 cam = None
                 if cams is not None and batch[k].cams:
                     cam = brixia.warp_array(cams[row], brixia.invert_theta(theta))   # back to the unaligned frame
-                results[k] = Inferred(masks[k], theta, method, scores[row], cam, regions[row])
+                results[k] = Inferred(masks[k], theta, method, scores[row], cam, samples[row][1:7].astype(bool),
+                                      None if region_opacity is None else region_opacity[row])
         return results  # type: ignore[return-value]
 
-    def _score(self, inputs: torch.Tensor, want_cams: list[bool]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score(self, inputs: dict[str, torch.Tensor], want_cams: list[bool]) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean probabilities (B, 6, 4) over the scorer folds and, when asked, Grad-CAM (B, 6, S, S)."""
         features, logits = [], []
         for network in self.of("score"):
             with torch.inference_mode(), self.autocast():
-                trunk = network.features(inputs)
+                trunk = network.features(inputs["image"])
             with torch.enable_grad(), self.autocast():
                 feature = trunk.clone().requires_grad_(any(want_cams))
-                logits.append(network.head_logits(feature, inputs[:, network.in_chans:]))
+                logits.append(network.head_logits(feature, inputs["regions"], inputs.get("opacity")))
             features.append(feature)
         probabilities = torch.stack([torch.softmax(out.float(), dim=-1) for out in logits]).mean(0)
         if not any(want_cams):
             return probabilities.detach().cpu().numpy(), None
-        predicted = probabilities.argmax(-1)                                   # (B, 6)
-        size = inputs.shape[-2:]
-        cams = torch.zeros(inputs.shape[0], len(brixia.REGIONS), *size)
+        predicted = self.decide(probabilities)                                 # (B, 6)
+        size = inputs["image"].shape[-2:]
+        cams = torch.zeros(inputs["image"].shape[0], len(brixia.REGIONS), *size)
         for feature, out in zip(features, logits):
             for r in range(len(brixia.REGIONS)):
                 target = out[:, r].float().gather(1, predicted[:, r:r + 1]).sum()
@@ -181,10 +193,14 @@ class BrixiaHandler(TaskHandler):
         cams = torch.where(high > low, (cams - low) / (high - low).clamp_min(1e-12), torch.zeros_like(cams))
         return probabilities.detach().cpu().numpy(), cams.numpy()
 
+    def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Region scores from probabilities by the card's rule (median; argmax for cards from before it)."""
+        return brixia.decide_scores(torch.as_tensor(probabilities), (self.card.get("output") or {}).get("decision", "argmax"))
+
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred | ServiceError) -> dict[str, Any]:
         if isinstance(inferred, ServiceError):
             raise inferred
-        scores = inferred.probabilities.argmax(-1)
+        scores = self.decide(inferred.probabilities).numpy()
         region_scores = {region: int(s) for region, s in zip(brixia.REGIONS, scores)}
         geometry, folder, stamp = prepared.geometry, job.options["folder"], timestamp()
         stem = output_stem(job.options["img_path"])
@@ -210,6 +226,9 @@ class BrixiaHandler(TaskHandler):
             "cam_img_paths": cam_paths,
             "alignment": inferred.method,
             "image_size": [int(prepared.gray.shape[0]), int(prepared.gray.shape[1])],
+            **({} if inferred.opacity is None else {"region_opacity": {
+                region: {"mean": round(float(inferred.opacity[r, 0]), 4), "extent": round(float(inferred.opacity[r, 1]), 4)}
+                for r, region in enumerate(brixia.REGIONS)}}),
         }
 
     @staticmethod
