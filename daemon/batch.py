@@ -160,7 +160,8 @@ def daemon_replies(weights: Path, daemon_args: list[str], requests: list[dict[st
         yield from zip(indexes, client.map(requests[index] for index in indexes))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The batch's options, and the daemon's (those after ``--``)."""
     parser = argparse.ArgumentParser(prog="python -m daemon.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", type=Path, help="weights folder (as for run_model.py)")
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in ray_flags.items():
         if value is not None and (value < 0 if flag == "--gpus-per-actor" else value <= 0):
             parser.error(f"{flag} must be {'at least 0' if flag == '--gpus-per-actor' else 'positive'}")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     requests = requests_from(args.input, args.task, args.out)
@@ -212,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.ray is None:
             replies = daemon_replies(args.weights, extra, requests, summary.todo)
         else:
-            from daemon import ray_batch
-
+            try:
+                from daemon import ray_batch
+            except ModuleNotFoundError as exc:
+                if exc.name != "ray":
+                    raise
+                print("error: --ray needs Ray: pip install -e \".[ray]\"", file=sys.stderr)
+                return 2
             start_errors += (ray_batch.ActorStartError,)
             replies = ray_batch.replies(args.weights, extra, requests, summary.todo, address=args.ray,
                                         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
