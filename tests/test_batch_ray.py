@@ -117,9 +117,11 @@ def run_batch(*argv: str, cwd: Path) -> int:
         os.chdir(previous)
 
 
-def test_the_ray_batch_gives_the_rows_and_files_of_the_single_process_batch(local_ray, weights, inputs, tmp_path):
+def test_the_ray_batch_gives_the_rows_and_files_of_the_single_process_batch(local_ray, weights, inputs, tmp_path,
+                                                                            monkeypatch):
     single, on_ray = tmp_path / "single", tmp_path / "ray"
     args = [str(weights), str(inputs / "requests.jsonl"), "--task", "osteo"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray gives a 1-CPU actor: the same float sums
     assert run_batch(*args, "--out", str(single), "--", "--device", "cpu", cwd=inputs) == 1
     assert run_batch(*args, "--out", str(on_ray), "--ray", "--actors", "2", "--batch-size", "2", cwd=inputs) == 1
 
