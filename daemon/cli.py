@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from daemon.protocol import TASKS
+
+if TYPE_CHECKING:
+    from daemon.server import Server
 
 EPILOG = """\
 protocol: one JSON request per line on stdin, one JSON reply per line on stdout.
@@ -100,21 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()
+    server = make_server(args, protocol_out)
+    server.install_signal_handlers()
+    load_models(server, args)
+    logging.getLogger("daemon").info("ready in %.1f s on %s: %s", time.perf_counter() - began,
+                                     server.settings.device,
+                                     ", ".join(sorted(server.registry.handlers)) or "no task available")
+    return server.serve()
 
+
+def make_server(args: argparse.Namespace, out: BinaryIO | None = None) -> Server:
+    """The daemon's ``Server`` for parsed options, models not loaded yet (``load_models``). The Ray
+    batch runner's actors build theirs here too, so they serve exactly as ``run_model.py`` does."""
     from daemon.handlers.base import Settings
-    from daemon.registry import load_registry, pick_device
+    from daemon.registry import pick_device
     from daemon.server import Server
     from tasks import imaging
 
-    default_device, task_devices = args.device
+    default_device, _ = args.device
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
                         precision=args.precision)
-    server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers)
-    server.install_signal_handlers()
-    server.registry = load_registry(args.weights, settings, args.tasks,
+    return Server(settings, args.default_task, out, max_batch=args.max_batch, workers=args.workers)
+
+
+def load_models(server: Server, args: argparse.Namespace) -> None:
+    """Load every card (or the seed .pth) into ``server``'s registry, tasks placed as ``--device`` says."""
+    from daemon.registry import load_registry, pick_device
+
+    _, task_devices = args.device
+    server.registry = load_registry(args.weights, server.settings, args.tasks,
                                     {task: pick_device(device) for task, device in task_devices.items()})
-    logging.getLogger("daemon").info("ready in %.1f s on %s: %s", time.perf_counter() - began, settings.device,
-                                     ", ".join(sorted(server.registry.handlers)) or "no task available")
-    return server.serve()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
 import os
 import queue
@@ -20,7 +21,7 @@ import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import torch
 
@@ -152,7 +153,7 @@ class Server:
     waits for company.
     """
 
-    def __init__(self, settings: Settings, default_task: str, out: BinaryIO, max_batch: int = 4,
+    def __init__(self, settings: Settings, default_task: str, out: BinaryIO | None, max_batch: int = 4,
                  workers: int = 2, registry: Registry | None = None, idle_trim_s: float = 2.0) -> None:
         self.registry = registry or Registry()
         self.settings = settings
@@ -169,14 +170,19 @@ class Server:
         self.heap_dirty = True  # answered something (or loaded the models) since the last trim
 
     # --- output -------------------------------------------------------------------------
-    def emit(self, reply: dict[str, Any]) -> None:
-        """Write one protocol line; a client that went away ends the process quietly."""
+    @staticmethod
+    def encode(reply: dict[str, Any]) -> bytes:
+        """One reply as its protocol line; a reply that is not valid JSON becomes an ``internal`` one."""
         try:
-            data = encode_reply(reply)
+            return encode_reply(reply)
         except (TypeError, ValueError) as exc:
             log.error("reply could not be encoded: %s", exc)
-            data = encode_reply(fail_reply(INTERNAL, "reply could not be encoded as JSON",
+            return encode_reply(fail_reply(INTERNAL, "reply could not be encoded as JSON",
                                            task=reply.get("task"), has_id="id" in reply, request_id=reply.get("id")))
+
+    def emit(self, reply: dict[str, Any]) -> None:
+        """Write one protocol line; a client that went away ends the process quietly."""
+        data = self.encode(reply)
         try:
             self.out.write(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -234,8 +240,31 @@ class Server:
                 continue
             self._answer_head(pending)
 
+    def answer(self, requests: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Answer task requests without stdin (the Ray batch runner's actors): each goes through the
+        same parsing, validation, batching, retries and error codes as a line read by ``serve``,
+        and each reply, yielded in request order as soon as it is ready, is what that line gets."""
+        lines = deque(json.dumps(request).encode() for request in requests)
+        pending: deque[Entry] = deque()
+        while lines or pending:
+            while lines and len(pending) < self.max_pending:
+                entry = Entry(raw=lines.popleft(), started=time.perf_counter())
+                self._admit(entry)
+                pending.append(entry)
+            for reply in self._head_replies(pending):
+                yield json.loads(self.encode(reply))
+                self.answered += 1
+
     def _answer_head(self, pending: deque[Entry]) -> None:
         """Reply to the oldest entry, inferring it with the same-task requests queued right behind it."""
+        for reply in self._head_replies(pending):
+            self.emit(reply)
+            self.answered += 1
+            self.heap_dirty = True
+
+    def _head_replies(self, pending: deque[Entry]) -> Iterator[dict[str, Any]]:
+        """Infer the oldest entry with the same-task requests queued right behind it, then pop and
+        yield every reply now at the front of the queue, in request order."""
         head = pending[0]
         if head.job is not None and head.reply is None:
             batch = [head]
@@ -252,9 +281,7 @@ class Server:
                     self._finish(entry)
         while pending and (pending[0].reply is not None or pending[0].control is not None):
             entry = pending.popleft()
-            self.emit(entry.reply if entry.reply is not None else self._control(entry.control))
-            self.answered += 1
-            self.heap_dirty = True
+            yield entry.reply if entry.reply is not None else self._control(entry.control)
 
     def _trim_heap(self) -> None:
         began = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import cards, osteo  # noqa: E402
+from tasks import cards, osteo, scar  # noqa: E402
 from tasks.weights import save_state_dict  # noqa: E402
 
 TINY_OSTEO_SIZE = (96, 192)
@@ -48,6 +48,36 @@ def tiny_weights(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     write_tiny_osteo_card(root / "osteo")
     return root
+
+
+FEATURES = ["age", "sex", "BMI", "Delta_date", "smoking", "diabetes", "hypertension", "keloid_history",
+            "wound_infection", "drain", "thyroiditis"]
+PATIENT = {"age": 52, "sex": 0, "BMI": 23.1, "Delta_date": 120, "smoking": 0, "diabetes": 0, "hypertension": 1,
+           "keloid_history": 0, "wound_infection": 0, "drain": 1, "thyroiditis": 0}
+
+
+def write_tiny_scar_card(folder: Path, models=scar.MODES, folds: int = 2) -> Path:
+    """Random-weight image/clinical/combined models at 64x64, two folds each, with per-fold scalers."""
+    image = scar.image_architecture(width=4, layers=(1, 1, 1, 1))
+    architectures = {"image": image, "clinical": scar.clinical_architecture(len(FEATURES))}
+    architectures["combined"] = scar.combined_architecture(image, architectures["clinical"])
+    entries = []
+    for model in models:
+        for k in range(folds):
+            torch.manual_seed(10 * k + len(model))
+            path = folder / f"{model}_fold{k}.safetensors"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_state_dict(scar.build_network(model, architectures[model]).state_dict(), path, half=True)
+            entry = {"file": path.name, "sha256": cards.sha256_file(path), "model": model, "fold": k}
+            if model != "image":
+                entry["scaler"] = {"mean": [50.0, 0.3, 24.0, 200.0] + [0.2] * 7, "scale": [15.0, 0.5, 3.5, 150.0] + [0.4] * 7}
+            entries.append(entry)
+    cards.write_card(folder, {
+        "task": "scar", "name": "scar-tiny-test", "version": "test", "demo": True,
+        "architecture": {m: architectures[m] for m in models}, "labels": scar.LABELS, "folds": entries,
+        "input": {"photo": scar.default_input_spec((64, 64)), "clinical_features": FEATURES},
+        "clinical_features": {"names": FEATURES}, "data": {"source": "random init for tests"}})
+    return folder
 
 
 def panoramic_phantom(height: int = 150, width: int = 300, seed: int = 0) -> np.ndarray:

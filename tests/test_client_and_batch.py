@@ -38,11 +38,11 @@ def test_client_requests_maps_times_out_and_restarts(tiny_weights, images, tmp_p
         assert client.request(request)["result"] == "ok"  # started again
 
 
-def test_batch_over_a_folder_writes_a_summary(tiny_weights, images, tmp_path):
+def test_batch_over_a_folder_writes_a_summary_and_a_rerun_only_redoes_what_failed(tiny_weights, images, tmp_path):
     out = tmp_path / "results"
-    code = batch_main([str(tiny_weights), str(images), "--task", "osteo", "--out", str(out), "--no-progress",
-                       "--", "--device", "cpu"])
-    assert code == 1  # one input is broken
+    argv = [str(tiny_weights), str(images), "--task", "osteo", "--out", str(out), "--no-progress",
+            "--", "--device", "cpu"]
+    assert batch_main(argv) == 1  # one input is broken
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3
@@ -52,3 +52,8 @@ def test_batch_over_a_folder_writes_a_summary(tiny_weights, images, tmp_path):
     assert ok["result"] == "ok" and ok["prediction"] in ("Healthy Patient", "Patient with Osteoporosis")
     paths = json.loads(ok["paths"])
     assert paths["overlay_img_path"].startswith(str((out / "sub").resolve()))
+
+    first, files = (out / "summary.csv").read_text(), sorted(out.rglob("*.png"))
+    assert batch_main(argv) == 1  # only broken.png was sent again, and failed again
+    assert (out / "summary.csv").read_text() == first
+    assert sorted(out.rglob("*.png")) == files  # no ok request was run twice
