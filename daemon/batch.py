@@ -45,7 +45,7 @@ def requests_from(source: Path, task: str, out: Path) -> list[dict[str, Any]]:
 
 def summary_row(request: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
     prediction = next((reply[key] for key in PREDICTION_FIELDS if key in reply), "")
-    paths = {key: value for key, value in reply.items() if key.endswith("_path") and value}
+    paths = {key: value for key, value in reply.items() if (key.endswith("_path") or key == "dicom_paths") and value}
     error = reply.get("error") or {}
     row = {"task": request.get("task", ""), "img_path": request.get("img_path", ""), "result": reply["result"],
             "prediction": json.dumps(prediction) if isinstance(prediction, dict) else prediction,
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder for results and summary.csv")
     parser.add_argument("--summary", type=Path, default=None, help="CSV summary path (default OUT/summary.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write DICOM objects (run_model.py --dicom): every request that does not say "
+                             "\"dicom\": false; their paths go into the summary's paths column")
     parser.epilog = "Options after '--' go to run_model.py, e.g. -- --device cuda --explain saliency"
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = requests_from(args.input, args.task, args.out)
     summary = args.summary or args.out / "summary.csv"
     failed = 0
-    with DaemonClient(args.weights, *extra) as client, open(summary, "w", newline="", encoding="utf-8") as handle:
+    with DaemonClient(args.weights, *(["--dicom"] if args.dicom else []), *extra) as client, open(summary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in run(client, requests, progress=not args.no_progress):
