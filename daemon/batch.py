@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = requests_from(args.input, args.task, args.out)
     summary = args.summary or args.out / "summary.csv"
     failed = 0
-    with DaemonClient(args.weights, *(["--dicom"] if args.dicom else []), *extra) as client, open(summary, "w", newline="", encoding="utf-8") as handle:
+    daemon_args = (["--dicom"] if args.dicom else []) + extra
+    with DaemonClient(args.weights, *daemon_args) as client, open(summary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in run(client, requests, progress=not args.no_progress):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,41 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from daemon import __version__
 from daemon.dicom_content import MANUFACTURER, Content
-from daemon.dicom_source import Source
+from daemon.dicom_source import DicomRequest, Source, source_for
 from daemon.outputs import write_bytes
 
+log = logging.getLogger("daemon.dicom")
 # Private coding scheme (PS3.16 8.2: designators starting "99") for the tasks' own concepts.
 CODING_SCHEME = "99MEDIMG"
 SERIES_NUMBERS = {"seg": 901, "sr": 902, "sc": 903}   # the converted input is 900 (dicom_source)
 FILE_KINDS = {"source": "source", "seg": "seg", "sr": "sr", "sc": "overlay"}   # {stem}_{kind}_{stamp}.dcm
-DEMO_WARNING = "DEMO weights (trained on synthetic phantoms): not for clinical use"
+DEMO_WARNING = "DEMO weights: not for clinical use"
 
 
-def write_objects(folder: Path, stem: str, stamp: str, source: Source, content: Content,
-                  model: dict[str, Any]) -> dict[str, Any]:
-    """Build, encode and write the objects of ``content``; returns ``dicom_paths``
+def write_for_request(folder: Path, stem: str, stamp: str, header: Dataset | None, image: np.ndarray | None,
+                      options: DicomRequest, content: Content, model: dict[str, Any]) -> dict[str, Any]:
+    """A request's objects, referencing its DICOM input (``header``) or, for other inputs and for
+    DICOM that highdicom cannot derive from (a Frame of Reference without plane geometry, say), the
+    analysed ``image`` stored as a Secondary Capture. The reply's ``dicom_paths`` and ``dicom_note``."""
+    source = source_for(header, image, options)
+    try:
+        objects = build_objects(source, content, model)
+    except Exception as exc:  # a header highdicom cannot derive from: any error of its, e.g. a missing attribute
+        if source.converted is not None or header is None or image is None:
+            raise
+        log.warning("DICOM objects cannot reference the input itself (%s: %s); referencing a capture of it",
+                    type(exc).__name__, exc, exc_info=True)
+        reason = f"cannot be derived from ({type(exc).__name__}: {str(exc)[:200]})"
+        source = source_for(header, image, options, unreferenceable=reason)
+        objects = build_objects(source, content, model)
+    paths = write_objects(folder, stem, stamp, objects)
+    return {"dicom_paths": paths, **({"dicom_note": "; ".join(source.notes)} if source.notes else {})}
+
+
+def write_objects(folder: Path, stem: str, stamp: str, objects: list[tuple[str, Dataset]]) -> dict[str, Any]:
+    """Encode and write ``objects`` (from ``build_objects``); returns ``dicom_paths``
     (``{"source": p, "seg": p, "sr": p, "sc": [p, ...]}``, only the kinds written)."""
-    encoded = [(kind, encode(dataset)) for kind, dataset in build_objects(source, content, model)]
+    encoded = [(kind, encode(dataset)) for kind, dataset in objects]
     paths: dict[str, Any] = {}
     written: list[Path] = []
     try:
@@ -139,12 +160,10 @@ def segmentation(source: Source, content: Content, model: dict[str, Any]) -> hd.
     if masks.shape[:2] != (rows, columns):
         raise ValueError(f"masks are {masks.shape[1]}x{masks.shape[0]}, the source image is {columns}x{rows}")
     pixels = masks[None].astype(np.uint8)
-    frames = int(reference.get("NumberOfFrames") or 1)
-    if frames > 1:  # the reader decodes frame 1: the masks belong to it, other frames get none
-        pixels = np.concatenate([pixels, np.zeros((frames - 1, *pixels.shape[1:]), np.uint8)])
     algorithm = hd.AlgorithmIdentificationSequence(
         name=str(model["name"])[:64], family=codes.cid7162.ArtificialIntelligence, version=str(model["version"])[:64],
-        source=MANUFACTURER, parameters=dict(parameter.split("=", 1) for parameter in algorithm_parameters(model, content)))
+        source=MANUFACTURER,
+        parameters=dict(parameter.split("=", 1) for parameter in algorithm_parameters(model, content)))
     descriptions = []
     for number, segment in enumerate(content.segments, 1):
         description = hd.seg.SegmentDescription(
@@ -176,7 +195,8 @@ def measurement_report(source: Source, content: Content, model: dict[str, Any]) 
     measurements = [
         hd.sr.Measurement(
             name=_private(number.code, number.meaning), value=float(number.value), unit=number.unit,
-            finding_sites=None if number.site is None else [hd.sr.FindingSite(number.site, laterality=number.laterality)])
+            finding_sites=None if number.site is None else [
+                hd.sr.FindingSite(number.site, laterality=number.laterality)])
         for number in content.numbers]
     # "Impression" (DCM 121073), not "Finding": TID 1501 keeps that name for the group's finding type.
     findings = [hd.sr.QualitativeEvaluation(codes.DCM.Impression, _private(finding.code, finding.meaning))
@@ -185,7 +205,8 @@ def measurement_report(source: Source, content: Content, model: dict[str, Any]) 
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"{model['name']} result"[:64]),
         algorithm_id=algorithm, measurements=measurements or None, qualitative_evaluations=findings or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(reference)] if source.referenced else None)
+        source_images=([hd.sr.SourceImageForMeasurementGroup.from_source_image(reference)]
+                       if source.referenced else None))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[MANUFACTURER, str(model["name"]), str(model["version"])]),
         name=str(model["name"])[:64], manufacturer_name=MANUFACTURER, model_name=str(model["version"])[:64])
@@ -212,7 +233,7 @@ def _placeholder_instance(study: Dataset) -> Dataset:
     study from an evidence instance, which a report derived from no image does not have."""
     placeholder = copy.deepcopy(study)
     placeholder.SOPClassUID = SecondaryCaptureImageStorage
-    placeholder.SOPInstanceUID = placeholder.SeriesInstanceUID = generate_uid()
+    placeholder.SOPInstanceUID, placeholder.SeriesInstanceUID = generate_uid(), generate_uid()
     return placeholder
 
 

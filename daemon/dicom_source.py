@@ -71,7 +71,8 @@ def dicom_options(request: dict[str, Any], default: bool) -> DicomRequest | None
     if not wanted:
         raise ServiceError(INVALID_REQUEST, "'dicom_context' is given but no DICOM is written: add \"dicom\": true")
     if not isinstance(raw, dict):
-        raise ServiceError(INVALID_REQUEST, f"'dicom_context' must be an object with any of: {', '.join(CONTEXT_FIELDS)}")
+        raise ServiceError(INVALID_REQUEST,
+                           f"'dicom_context' must be an object with any of: {', '.join(CONTEXT_FIELDS)}")
     unknown = sorted(set(raw) - set(CONTEXT_FIELDS))
     if unknown:
         raise ServiceError(INVALID_REQUEST, f"unknown field(s) {', '.join(f'dicom_context.{k}' for k in unknown)}; "
@@ -101,21 +102,25 @@ def _checked(key: str, value: Any) -> str:
     return text
 
 
-def source_for(header: Dataset | None, image: np.ndarray | None, options: DicomRequest) -> Source:
+def source_for(header: Dataset | None, image: np.ndarray | None, options: DicomRequest,
+               unreferenceable: str | None = None) -> Source:
     """The reference of a request's objects: the DICOM input itself, or the input converted to a
-    Secondary Capture in a study from ``dicom_context`` (new UIDs for what it does not give)."""
+    Secondary Capture, in the DICOM input's study or one from ``dicom_context`` (new UIDs for what
+    it does not give). ``unreferenceable``: why a DICOM input cannot be referenced after all."""
     notes: list[str] = []
     if header is not None:
         missing = [keyword for keyword in _REFERENCE_UIDS if not str(header.get(keyword) or "").strip()]
         frames = int(header.get("NumberOfFrames") or 1)
-        if frames > 1:
-            notes.append(f"the DICOM input has {frames} frames: the results are for frame 1")
-        if not missing:
+        # highdicom derives a Segmentation from one frame only without a Frame of Reference: a
+        # multi-frame film's frame 1 (the one the reader decodes) is referenced as a capture of its own.
+        why = unreferenceable or (f"has no {', '.join(missing)}" if missing else
+                                  f"has {frames} frames and the results are of frame 1" if frames > 1 else None)
+        if why is None:
             if options.context:
                 notes.append("dicom_context was not used: the objects take patient and study from the DICOM input")
             return Source(_with_type2(header), None, notes)
-        notes.append(f"the DICOM input has no {', '.join(missing)}, so it cannot be referenced: it is stored again "
-                     "as a Secondary Capture and the objects reference that")
+        notes.append(f"the DICOM input {why}: the image analysed is stored as a Secondary Capture "
+                     "(dicom_paths.source) in the input's study and the objects reference that")
         identity = {**options.context, **{keyword: header.get(keyword) for keyword in (
             *_PATIENT_STUDY_TYPE2, "StudyInstanceUID", "StudyDescription", "SpecificCharacterSet")
             if header.get(keyword) not in (None, "")}}
@@ -164,7 +169,8 @@ def converted_input(image: np.ndarray, identity: dict[str, Any]) -> Dataset:
     converted = hd.sc.SCImage(
         pixel_array=np.ascontiguousarray(image), photometric_interpretation=photometric, bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=("L", "F"),  # replaced below: the input does not say
-        study_instance_uid=identity["StudyInstanceUID"], series_instance_uid=generate_uid(), series_number=SOURCE_SERIES_NUMBER,
+        study_instance_uid=identity["StudyInstanceUID"], series_instance_uid=generate_uid(),
+        series_number=SOURCE_SERIES_NUMBER,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         patient_id=identity.get("PatientID"), patient_name=identity.get("PatientName"),
         patient_birth_date=identity.get("PatientBirthDate"), patient_sex=identity.get("PatientSex"),

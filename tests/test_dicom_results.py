@@ -308,13 +308,13 @@ def test_a_broken_dicom_context_is_an_invalid_request_naming_the_field(daemon, t
 def test_objects_are_written_whole_or_not_at_all_and_never_over_another(tmp_path, monkeypatch):
     from daemon import dicom_out, outputs
     from daemon.dicom_content import Content, Number, PROBABILITY
-    from daemon.dicom_source import DicomRequest, source_for
+    from daemon.dicom_source import DicomRequest
 
     gray = np.zeros((64, 64), np.uint8)
     model = {"name": "unit", "version": "1", "demo": False}
     content = Content(numbers=[Number("P", "Probability", 0.5, PROBABILITY)], overlays=[np.zeros((64, 64, 3), np.uint8)])
-    first = dicom_out.write_objects(tmp_path, "x", "20260101000000", source_for(None, gray, DicomRequest()), content, model)
-    second = dicom_out.write_objects(tmp_path, "x", "20260101000000", source_for(None, gray, DicomRequest()), content, model)
+    first, second = (dicom_out.write_for_request(tmp_path, "x", "20260101000000", None, gray, DicomRequest(), content,
+                                                 model)["dicom_paths"] for _ in range(2))
     assert Path(first["sr"]).name == "x_sr_20260101000000.dcm" and Path(second["sr"]).name == "x_sr_20260101000000_1.dcm"
     assert read(first["sr"]).SOPInstanceUID != read(second["sr"]).SOPInstanceUID
     assert not read(first["sr"]).SeriesDescription.startswith("DEMO")
@@ -330,8 +330,45 @@ def test_objects_are_written_whole_or_not_at_all_and_never_over_another(tmp_path
     before = sorted(tmp_path.iterdir())
     monkeypatch.setattr(dicom_out, "write_bytes", fail_on_the_third)
     with pytest.raises(OSError):
-        dicom_out.write_objects(tmp_path, "y", "20260101000000", source_for(None, gray, DicomRequest()), content, model)
+        dicom_out.write_for_request(tmp_path, "y", "20260101000000", None, gray, DicomRequest(), content, model)
     assert len(calls) == 3 and sorted(tmp_path.iterdir()) == before   # the two written are gone, no .part left
+
+
+@pytest.mark.parametrize("layout, said", [
+    ("multi-frame", "has 3 frames and the results are of frame 1"),
+    ("ct-without-pixel-spacing", "cannot be derived from (AttributeError"),
+])
+def test_a_dicom_input_that_cannot_be_referenced_is_captured_in_its_own_study(tmp_path, layout, said):
+    from daemon import dicom_out
+    from daemon.dicom_content import Content, Segment
+    from daemon.dicom_source import DicomRequest
+    from dicom_factory import dataset_from_pixels, save
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import CTImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
+    from tasks.imaging import read_image_and_header
+
+    pixels = np.zeros((3, 64, 80), np.uint8)
+    pixels[:, 10:30, 10:40] = 200
+    if layout == "multi-frame":
+        film = dataset_from_pixels(pixels)
+        film.SOPClassUID = MultiFrameGrayscaleByteSecondaryCaptureImageStorage
+    else:  # a slice that places itself in space but does not give its pixel spacing
+        film = dataset_from_pixels(pixels[0])
+        film.SOPClassUID, film.Modality, film.FrameOfReferenceUID = CTImageStorage, "CT", generate_uid()
+        film.ImageOrientationPatient, film.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
+    save(film, tmp_path / "film.dcm")
+    image, header = read_image_and_header(tmp_path / "film.dcm")
+    content = Content(segments=[Segment("bright", image > 100, codes.SCT.Bone)])
+    reply = dicom_out.write_for_request(tmp_path, "film", "20260101000000", header, image, DicomRequest(), content,
+                                        {"name": "unit", "version": "1", "demo": True})
+    assert set(reply["dicom_paths"]) == {"source", "seg"} and said in reply["dicom_note"]
+    source, seg = read(reply["dicom_paths"]["source"]), read(reply["dicom_paths"]["seg"])
+    assert source.StudyInstanceUID == seg.StudyInstanceUID == film.StudyInstanceUID
+    assert str(source.PatientName) == "Phantom^Test" and np.array_equal(source.pixel_array, image)
+    assert np.array_equal(segment_masks(reply["dicom_paths"]["seg"], source.SOPInstanceUID)["bright"], image > 100)
+    for path in reply["dicom_paths"].values():
+        errors, report = dciodvfy(path)
+        assert not errors, report
 
 
 def test_batch_dicom_writes_objects_for_every_request_that_does_not_refuse_them(tmp_path):

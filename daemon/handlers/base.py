@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from daemon.dicom_content import Content as DicomContent
-from daemon.dicom_source import dicom_options, source_for
+from daemon.dicom_source import dicom_options
 from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
 from daemon.outputs import is_within, output_stem, prepare_destination, timestamp
 from daemon.protocol import reject_unknown_fields, require_string
@@ -170,12 +170,10 @@ class TaskHandler:
         from daemon import dicom_out  # highdicom: loaded by the first request that asks for DICOM
 
         header, image = job.options.get("dicom_input", (None, None))
-        source = source_for(header, image, job.options["dicom"])
         img_path = job.options.get("img_path")
-        paths = dicom_out.write_objects(job.options["folder"], output_stem(img_path) if img_path else self.task,
-                                        job.artifacts.get("stamp") or timestamp(), source,
-                                        self.dicom_content(job, fields), self.model_info)
-        return {"dicom_paths": paths, **({"dicom_note": "; ".join(source.notes)} if source.notes else {})}
+        return dicom_out.write_for_request(job.options["folder"], output_stem(img_path) if img_path else self.task,
+                                           job.artifacts.get("stamp") or timestamp(), header, image,
+                                           job.options["dicom"], self.dicom_content(job, fields), self.model_info)
 
     # --- shared helpers -------------------------------------------------------------------
     def image_job(self, request: dict[str, Any]) -> Job:

@@ -109,8 +109,8 @@ class OsteoHandler(TaskHandler):
     def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
         """The diagnosis and its probability as a report, the heat-map overlay as a Secondary Capture."""
         positive = self.card["labels"][1]
+        meaning = f"Probability of {positive} ({osteo.diagnosis_for(self.card['labels'], positive)})"
         return dicom.Content(
             findings=[dicom.Finding(fields["label"], fields["diagnosis"])],
-            numbers=[dicom.Number("OSTEO-P", f"Probability of {positive} ({osteo.diagnosis_for(self.card['labels'], positive)})",
-                                  fields["probability"], dicom.PROBABILITY)],
+            numbers=[dicom.Number("OSTEO-P", meaning, fields["probability"], dicom.PROBABILITY)],
             overlays=[job.artifacts["overlay"]], parameters=[f"explain={fields['explain']}"])
