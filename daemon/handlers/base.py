@@ -3,7 +3,9 @@
 A handler overrides those four steps and little else. ``preprocess`` works on one request
 (decode + preprocessing, no model), ``infer`` on a batch of preprocessed requests (the model
 and its explanations), ``postprocess`` on one request again (files and reply fields), so the
-server can batch and overlap work without the handler knowing.
+server can batch and overlap work without the handler knowing. ``finish`` runs postprocess and,
+for a request with ``"dicom": true``, writes the DICOM objects of what the task's ``dicom_content``
+hands over (``daemon.dicom_out``), then builds the reply.
 """
 from __future__ import annotations
 
