@@ -54,7 +54,7 @@ def requests_from(source: Path, task: str, out: Path) -> list[dict[str, Any]]:
 
 def summary_row(request: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
     prediction = next((reply[key] for key in PREDICTION_FIELDS if key in reply), "")
-    paths = {key: value for key, value in reply.items() if key.endswith("_path") and value}
+    paths = {key: value for key, value in reply.items() if (key.endswith("_path") or key == "dicom_paths") and value}
     error = reply.get("error") or {}
     row = {"task": request.get("task", ""), "id": request.get("id", ""), "img_path": request.get("img_path", ""),
            "result": reply["result"], "prediction": json.dumps(prediction) if isinstance(prediction, dict) else prediction,
@@ -170,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--out", type=Path, required=True, help="output folder for results and summary.csv")
     parser.add_argument("--summary", type=Path, default=None, help="CSV summary path (default OUT/summary.csv)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write DICOM objects (run_model.py --dicom): every request that does not say "
+                             "\"dicom\": false; their paths go into the summary's paths column")
     ray = parser.add_argument_group("on a Ray cluster (pip install -e '.[ray]')")
     ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="serve the requests on Ray actors: ADDRESS of a running cluster (host:6379, 'auto' "
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     requests = requests_from(args.input, args.task, args.out)
     summary_path = args.summary or args.out / "summary.csv"
+    extra = (["--dicom"] if args.dicom else []) + extra
     from tqdm import tqdm
 
     with Summary(summary_path, requests) as summary:

@@ -18,6 +18,7 @@ EPILOG = """\
 protocol: one JSON request per line on stdin, one JSON reply per line on stdout.
   {"img_path": "pano.png", "destination_path": "out/"}              osteo (seed-compatible)
   {"task": "osteo", "id": 7, "img_path": "...", "destination_path": "..."}
+  {"task": "brixia", "img_path": "cxr.dcm", "destination_path": "out/", "dicom": true}   + DICOM SEG/SR/SC
   {"op": "health"} | {"op": "models"} | {"op": "shutdown"}
 The first stdout line is {"event": "ready", "message": "Loaded pretrained weights", ...}.
 Logs go to stderr. EOF, SIGTERM or SIGINT: pending requests are answered, exit status 0.
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fp16: float16 autocast (AMP) for forward passes and explanations on CUDA (pays "
                              "off for large networks; measured slower for the small demo ones); fp32: float32 "
                              "everywhere. CPU is always float32 (default: fp32)")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write DICOM objects (SEG, SR, Secondary Capture) for every task request that "
+                             "does not say \"dicom\": false; listed in the reply's dicom_paths")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="stderr log level (default: INFO)")
     args = parser.parse_args(argv)
@@ -125,7 +129,7 @@ def make_server(args: argparse.Namespace, out: BinaryIO | None = None) -> Server
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
-                        precision=args.precision)
+                        precision=args.precision, dicom=args.dicom)
     return Server(settings, args.default_task, out, max_batch=args.max_batch, workers=args.workers)
 
 
@@ -133,6 +137,8 @@ def load_models(server: Server, args: argparse.Namespace) -> None:
     """Load every card (or the seed .pth) into ``server``'s registry, tasks placed as ``--device`` says."""
     from daemon.registry import load_registry, pick_device
 
+    if args.dicom:
+        import daemon.dicom_out  # noqa: F401  highdicom's import, paid before the ready line rather than by a request
     _, task_devices = args.device
     server.registry = load_registry(args.weights, server.settings, args.tasks,
                                     {task: pick_device(device) for task, device in task_devices.items()})

@@ -415,7 +415,7 @@ class Server:
     def _finish(self, entry: Entry) -> None:
         handler = self.registry.handlers[entry.job.task]
         try:
-            entry.reply = handler.reply(entry.job, handler.postprocess(entry.job, entry.prepared, entry.inferred))
+            entry.reply = handler.finish(entry.job, entry.prepared, entry.inferred)
         except ServiceError as exc:
             self._fail(entry, exc, entry.job.task, entry.job.request)
         except Exception as exc:

@@ -70,11 +70,21 @@ def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
 def read_image(path: str | os.PathLike, *, color: str = "gray",
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode `path` to uint8 (H, W) for color="gray" or (H, W, 3) for color="rgb"."""
+    return read_image_and_header(path, color=color, max_pixels=max_pixels)[0]
+
+
+def read_image_and_header(path: str | os.PathLike, *, color: str = "gray",
+                          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, pydicom.Dataset | None]:
+    """``read_image`` plus, for a DICOM file, its data set without Pixel Data (from the same read,
+    so results written as DICOM can reference exactly the instance that was decoded); None otherwise."""
     if color not in ("gray", "rgb"):
         raise ValueError(f"color must be 'gray' or 'rgb', not {color!r}")
     with _open_regular(path) as f:
-        arr = _read_dicom(f, max_pixels) if _is_dicom(f) else _read_pil(f, max_pixels)
-    return _to_color(arr, color)
+        if _is_dicom(f):
+            arr, header = _read_dicom(f, max_pixels)
+        else:
+            arr, header = _read_pil(f, max_pixels), None
+    return _to_color(arr, color), header
 
 
 # ---------------------------------------------------------------- file access and detection
@@ -210,7 +220,7 @@ def _set_transfer_syntax(ds: pydicom.Dataset) -> UID:
     return ts
 
 
-def _read_dicom(f: BinaryIO, max_pixels: int) -> np.ndarray:
+def _read_dicom(f: BinaryIO, max_pixels: int) -> tuple[np.ndarray, pydicom.Dataset]:
     _check_cap(*_dicom_size(_dicom_header(f)), max_pixels)
     try:
         ds = pydicom.dcmread(f, force=True)
@@ -222,12 +232,13 @@ def _read_dicom(f: BinaryIO, max_pixels: int) -> np.ndarray:
     _check_decoder(ts)
     try:
         ds.pixel_array_options(index=0)  # first frame only; YBR is converted to RGB
-        arr = ds.pixel_array
-        return _dicom_to_uint8(arr, ds)
+        arr = _dicom_to_uint8(ds.pixel_array, ds)
     except ImageReadError:
         raise
     except Exception as exc:
         raise ImageReadError(f"cannot decode DICOM pixel data ({ts.name}): {exc}") from exc
+    del ds.PixelData
+    return arr, ds
 
 
 def _check_decoder(ts: UID) -> None:

@@ -3,7 +3,9 @@
 A handler overrides those four steps and little else. ``preprocess`` works on one request
 (decode + preprocessing, no model), ``infer`` on a batch of preprocessed requests (the model
 and its explanations), ``postprocess`` on one request again (files and reply fields), so the
-server can batch and overlap work without the handler knowing.
+server can batch and overlap work without the handler knowing. ``finish`` runs postprocess and,
+for a request with ``"dicom": true``, writes the DICOM objects of what the task's ``dicom_content``
+hands over (``daemon.dicom_out``), then builds the reply.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from daemon.dicom_content import Content as DicomContent
+from daemon.dicom_source import dicom_options
 from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
-from daemon.outputs import is_within, prepare_destination
+from daemon.outputs import is_within, output_stem, prepare_destination, timestamp
 from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
 
@@ -52,6 +56,7 @@ class Settings:
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     fold: int | None = None
     precision: str = "fp32"  # one of PRECISIONS
+    dicom: bool = False      # --dicom: requests write DICOM objects unless they say "dicom": false
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Job:
     request: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
     options: dict[str, Any] = field(default_factory=dict)
+    # What postprocess made that the DICOM objects reuse (masks, overlays, the file-name time stamp).
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 class TaskHandler:
@@ -133,8 +140,10 @@ class TaskHandler:
     # --- the four steps -------------------------------------------------------------------
     def validate(self, request: dict[str, Any]) -> Job:
         """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong."""
-        reject_unknown_fields(request, self.fields | {"task", "id"})
-        return Job(task=self.task, request=request)
+        reject_unknown_fields(request, self.fields | {"task", "id", "dicom", "dicom_context"})
+        job = Job(task=self.task, request=request)
+        job.options["dicom"] = dicom_options(request, self.settings.dicom)
+        return job
 
     def preprocess(self, job: Job) -> Any:
         raise NotImplementedError
@@ -144,6 +153,29 @@ class TaskHandler:
 
     def postprocess(self, job: Job, prepared: Any, inferred: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    def dicom_content(self, job: Job, fields: dict[str, Any]) -> DicomContent:
+        """What of this request's results goes into DICOM objects (masks, numbers, findings,
+        overlays), from ``fields`` (postprocess's reply fields) and ``job.artifacts``."""
+        raise NotImplementedError
+
+    def finish(self, job: Job, prepared: Any, inferred: Any) -> dict[str, Any]:
+        """postprocess, then the DICOM objects when the request asks for them, then the reply. A
+        postprocess that fails writes no DICOM."""
+        fields = self.postprocess(job, prepared, inferred)
+        if job.options.get("dicom") is not None:
+            fields.update(self.write_dicom(job, fields))
+        return self.reply(job, fields)
+
+    def write_dicom(self, job: Job, fields: dict[str, Any]) -> dict[str, Any]:
+        """Write the request's DICOM objects; the reply's ``dicom_paths`` (and ``dicom_note``)."""
+        from daemon import dicom_out  # highdicom: loaded by the first request that asks for DICOM
+
+        header, image = job.options.get("dicom_input", (None, None))
+        img_path = job.options.get("img_path")
+        return dicom_out.write_for_request(job.options["folder"], output_stem(img_path) if img_path else self.task,
+                                           job.artifacts.get("stamp") or timestamp(), header, image,
+                                           job.options["dicom"], self.dicom_content(job, fields), self.model_info)
 
     # --- shared helpers -------------------------------------------------------------------
     def image_job(self, request: dict[str, Any]) -> Job:
@@ -155,8 +187,10 @@ class TaskHandler:
         job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
         return job
 
-    def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
-        """Read an input image through the one reader, with the daemon's size cap and error codes."""
+    def read_input(self, img_path: str, color: str = "gray", job: Job | None = None) -> np.ndarray:
+        """Read an input image through the one reader, with the daemon's size cap and error codes.
+        With ``job`` asking for DICOM, the image and the DICOM header (None for other formats) are
+        kept in it for the objects to reference."""
         path = os.path.abspath(img_path)
         root = self.settings.input_root
         if root is not None and not is_within(Path(os.path.realpath(path)), root):
@@ -170,7 +204,7 @@ class TaskHandler:
         if stat.S_ISDIR(mode):
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is a folder, not an image file")
         try:
-            image = imaging.read_image(path, color=color, max_pixels=self.settings.max_pixels)
+            image, header = imaging.read_image_and_header(path, color=color, max_pixels=self.settings.max_pixels)
         except imaging.ImageTooLarge as exc:
             raise ServiceError(IMAGE_TOO_LARGE, str(exc)) from None
         except imaging.ImageReadError as exc:
@@ -182,6 +216,8 @@ class TaskHandler:
         if min(image.shape[:2]) < MIN_IMAGE_SIDE:
             raise ServiceError(UNREADABLE_IMAGE, f"image is {image.shape[1]}x{image.shape[0]} pixels; "
                                                  f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
+        if job is not None and job.options.get("dicom") is not None:
+            job.options["dicom_input"] = (header, image)
         return image
 
     def reply(self, job: Job, fields: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydicom.sr.codedict import codes
 
+from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
@@ -38,6 +40,8 @@ ALIGNMENTS = ("auto", "masks", "none")
 STRUCTURE_COLOURS = {"right_lung": (40, 140, 255), "left_lung": (60, 220, 90), "heart": (255, 60, 60)}
 SCORE_COLOURS = [(120, 200, 120), (255, 220, 0), (255, 140, 0), (230, 30, 30)]   # 0..3
 MODELS = ("seg", "stn", "score")
+REGION_NAMES = {"A": "upper right", "B": "middle right", "C": "lower right",
+                "D": "upper left", "E": "middle left", "F": "lower left"}
 
 
 @dataclass
@@ -118,7 +122,7 @@ class BrixiaHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray")
+        gray = self.read_input(job.options["img_path"], color="gray", job=job)
         tensor, frame, geometry = brixia.preprocess(gray, self.card["input"])
         return Prepared(tensor, frame, geometry, gray, job.options["alignment"], job.options["cams"])
 
@@ -209,6 +213,7 @@ class BrixiaHandler(TaskHandler):
         regions = self.regions_at_input(inferred, geometry)
         overlay = region_overlay(prepared.gray, masks, regions, scores)
         overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
+        job.artifacts.update(masks=masks, overlay=overlay, stamp=stamp)
         cam_paths = None
         if inferred.cams is not None:
             cams = probabilities_at_input(inferred.cams, geometry)
@@ -230,6 +235,21 @@ class BrixiaHandler(TaskHandler):
                 region: {"mean": round(float(inferred.opacity[r, 0]), 4), "extent": round(float(inferred.opacity[r, 1]), 4)}
                 for r, region in enumerate(brixia.REGIONS)}}),
         }
+
+    def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
+        """Lungs and heart as a Segmentation, the six region scores and the global score as a
+        report (each region on its lung), the overlay as a Secondary Capture."""
+        masks = job.artifacts["masks"]
+        right, left = codes.SCT.Right, codes.SCT.Left
+        segments = [dicom.Segment("right lung", masks[0], codes.SCT.Lung, right),
+                    dicom.Segment("left lung", masks[1], codes.SCT.Lung, left),
+                    dicom.Segment("heart", masks[2], codes.SCT.Heart)]
+        numbers = [dicom.Number(f"BRIXIA-{region}", f"Brixia score, region {region} ({REGION_NAMES[region]})",
+                                score, dicom.SCORE, codes.SCT.Lung, right if region in "ABC" else left)
+                   for region, score in fields["region_scores"].items()]
+        numbers.append(dicom.Number("BRIXIA-GLOBAL", "Brixia global score", fields["global_score"], dicom.SCORE))
+        return dicom.Content(segments=segments, numbers=numbers, overlays=[job.artifacts["overlay"]],
+                             parameters=[f"alignment={fields['alignment']}"])
 
     @staticmethod
     def regions_at_input(inferred: Inferred, geometry: Geometry) -> np.ndarray:

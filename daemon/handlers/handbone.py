@@ -23,7 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from pydicom.sr.codedict import codes
 
+from daemon import dicom_content as dicom
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
@@ -63,7 +65,7 @@ class HandboneHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray")
+        gray = self.read_input(job.options["img_path"], color="gray", job=job)
         tensor, geometry = handbone.preprocess(gray, self.card["input"])
         return Prepared(tensor, geometry, gray, job.options["threshold"], job.options["tta"])
 
@@ -86,6 +88,7 @@ class HandboneHandler(TaskHandler):
                     "annotations": handbone.polygon_annotations(masks, classes)}
         polygons_path = write_bytes(folder, f"{stem}_polygons_{stamp}", ".json",
                                     json.dumps(polygons, separators=(",", ":")).encode("utf-8"))
+        job.artifacts.update(masks=masks, stamp=stamp)
         return {
             "masks_path": str(masks_path),
             "overlay_img_path": str(overlay_path),
@@ -96,6 +99,17 @@ class HandboneHandler(TaskHandler):
             "threshold": prepared.threshold,
             "tta": prepared.tta,
         }
+
+    def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
+        """One binary Segmentation: a segment per bone, named as the card's classes."""
+        return dicom.Content(
+            segments=[dicom.Segment(name, mask, BONE_CODES.get(name, codes.SCT.Bone))
+                      for name, mask in zip(self.card["labels"], job.artifacts["masks"])],
+            parameters=[f"threshold={fields['threshold']}", f"tta={str(fields['tta']).lower()}"])
+
+
+# SNOMED CT codes pydicom knows for a class; every other bone (fingers, carpals) is coded as "Bone".
+BONE_CODES = {"Radius": codes.SCT.Radius, "Ulna": codes.SCT.Ulna, "Scaphoid": codes.SCT.Scaphoid}
 
 
 def masks_npz(masks: np.ndarray, classes: list[str]) -> bytes:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
@@ -61,7 +62,7 @@ class OsteoHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray")
+        gray = self.read_input(job.options["img_path"], color="gray", job=job)
         tensor, shown = osteo.preprocess(gray, self.card["input"])
         return Prepared(tensor=tensor, shown=shown, method=job.options["explain"])
 
@@ -95,6 +96,7 @@ class OsteoHandler(TaskHandler):
         overlay = (explain.seed_overlay(prepared.shown, inferred.heat) if prepared.method == "saliency"
                    else explain.heat_overlay(prepared.shown, inferred.heat))
         overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
+        job.artifacts.update(overlay=overlay, stamp=stamp)
         return {
             "diagnosis": osteo.diagnosis_for(labels, label),
             "saliency_img_path": str(heat_path),
@@ -103,3 +105,12 @@ class OsteoHandler(TaskHandler):
             "probability": round(float(inferred.probabilities[1]), 6),
             "explain": prepared.method,
         }
+
+    def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
+        """The diagnosis and its probability as a report, the heat-map overlay as a Secondary Capture."""
+        positive = self.card["labels"][1]
+        meaning = f"Probability of {positive} ({osteo.diagnosis_for(self.card['labels'], positive)})"
+        return dicom.Content(
+            findings=[dicom.Finding(fields["label"], fields["diagnosis"])],
+            numbers=[dicom.Number("OSTEO-P", meaning, fields["probability"], dicom.PROBABILITY)],
+            overlays=[job.artifacts["overlay"]], parameters=[f"explain={fields['explain']}"])

@@ -6,7 +6,8 @@ the card's folds of that model; each clinical/combined fold standardises the fea
 own training fold's scaler. With a photo, the Grad-CAM of the image branch (in combined mode:
 of the combined decision, through the image branch) is written at the photo's own size as a heat
 map (``cam``) and an overlay on the photo. ``destination_path`` is required with a photo and
-ignored without one: a clinical-only request writes no files (and creates no folder).
+ignored without one: a clinical-only request writes no files (and creates no folder), unless it
+asks for DICOM (its report needs a destination).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
@@ -133,7 +135,7 @@ class ScarHandler(TaskHandler):
                 job.options["clinical"] = scar.clinical_vector(request["clinical"], self.feature_names)
             except scar.ClinicalFeatureError as exc:
                 raise ServiceError(INVALID_REQUEST, str(exc)) from None
-        if img_path is not None:
+        if img_path is not None or job.options["dicom"] is not None:  # files to write: a photo's maps, DICOM
             destination = require_string(request, "destination_path")
             job.options["folder"] = prepare_destination(destination, self.settings.output_root)
         else:
@@ -143,7 +145,7 @@ class ScarHandler(TaskHandler):
     def preprocess(self, job: Job) -> Prepared:
         photo = image = None
         if job.options["img_path"] is not None:
-            photo = self.read_input(job.options["img_path"], color="rgb")
+            photo = self.read_input(job.options["img_path"], color="rgb", job=job)
             image = scar.preprocess_photo(photo, self.card["input"]["photo"])
         return Prepared(job.options["mode"], image, photo, job.options.get("clinical"))
 
@@ -185,6 +187,16 @@ class ScarHandler(TaskHandler):
             cam = cv2.resize(inferred.cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
             folder, stem, stamp = job.options["folder"], output_stem(job.options["img_path"]), timestamp()
             fields["cam_img_path"] = str(write_png(folder, f"{stem}_cam_{stamp}", _lut("hot")[_lut_index(cam)]))
-            fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}",
-                                                       photo_overlay(prepared.photo, cam)))
+            overlay = photo_overlay(prepared.photo, cam)
+            fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}", overlay))
+            job.artifacts.update(overlay=overlay, stamp=stamp)
         return fields
+
+    def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
+        """Severity and the four probabilities as a report; with a photo, its overlay as a Secondary Capture."""
+        numbers = [dicom.Number("SCAR-GRADE", "Scar severity grade (0-3)", fields["severity"], dicom.GRADE)]
+        numbers += [dicom.Number(f"SCAR-P{grade}", f"Probability of scar severity grade {grade}", p, dicom.PROBABILITY)
+                    for grade, p in enumerate(fields["probabilities"])]
+        overlay = job.artifacts.get("overlay")
+        return dicom.Content(numbers=numbers, overlays=[] if overlay is None else [overlay],
+                             parameters=[f"mode={fields['mode']}"])
