@@ -6,6 +6,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,34 @@ def panoramic_phantom(height: int = 150, width: int = 300, seed: int = 0) -> np.
 class Daemon:
     """Drives ``python run_model.py`` through its pipes, the way a hospital system would."""
 
+    STDERR_KEPT = 1 << 20   # the log's last MiB is kept for failure messages; the rest is read and dropped
+
     def __init__(self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "run_model.py"), *args], cwd=cwd,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self._buffer = b""
-        self.ready = self.read_reply(timeout)
+        self._stderr = bytearray()
+        # Drain stderr all the time: a chatty daemon would otherwise fill the pipe and block mid-reply.
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_reader.start()
+        try:
+            self.ready = self.read_reply(timeout)
+        except BaseException:
+            self.kill()   # a daemon that never got ready must not outlive the test
+            raise
+
+    def _drain_stderr(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(1 << 16), b""):
+            self._stderr += chunk
+            if len(self._stderr) > 2 * self.STDERR_KEPT:
+                del self._stderr[:-self.STDERR_KEPT]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def send_raw(self, data: bytes) -> None:
         self.proc.stdin.write(data)
@@ -141,10 +163,17 @@ class Daemon:
             if self.proc.poll() is None:
                 self.proc.kill()
 
-    def stderr_tail(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+    def stderr_tail(self, chars: int = 3000) -> str:
+        """The end of what the daemon logged so far (all of it once the process has exited)."""
+        if self.proc.poll() is not None:
+            self._stderr_reader.join(timeout=5)
+        return bytes(self._stderr).decode(errors="replace")[-chars:]
+
+    def stderr_text(self) -> str:
+        """Everything the daemon logged (its last MiB for a long run), after it exited."""
+        self.proc.wait()
+        self._stderr_reader.join(timeout=5)
+        return bytes(self._stderr).decode(errors="replace")
 
     def rest_of_stdout(self) -> bytes:
         """Everything left on stdout after the process exited (must be empty or protocol lines)."""
@@ -163,6 +192,4 @@ def daemon_factory():
 
     yield start
     for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+        daemon.kill()

@@ -109,7 +109,7 @@ def test_client_that_goes_away_ends_the_daemon_quietly(tiny_weights, tmp_path):
         except BrokenPipeError:
             break
     code = process.proc.wait(60)
-    stderr = process.proc.stderr.read().decode(errors="replace")
+    stderr = process.stderr_text()
     assert code == 0
     assert "Traceback" not in stderr
     assert stderr.count("stdout closed") == 1
@@ -144,4 +144,4 @@ def test_cuda_request_without_cuda_falls_back_to_cpu(tiny_weights):
     process = Daemon(str(tiny_weights), "--device", "osteo=cuda:1")
     assert process.ready["tasks"]["osteo"]["device"] == "cpu"
     assert process.close() == 0
-    assert "running on CPU" in process.proc.stderr.read().decode()
+    assert "running on CPU" in process.stderr_text()
