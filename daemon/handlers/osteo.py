@@ -66,23 +66,18 @@ class OsteoHandler(TaskHandler):
         return Prepared(tensor=tensor, shown=shown, method=job.options["explain"])
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
-        device = self.settings.device
-        inputs = torch.stack([item.tensor for item in batch]).to(device)
-        with torch.inference_mode(), self.autocast():
-            logits = [net(inputs) for net in self.networks]
-        probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in logits]).mean(0)
-        probabilities = probabilities.cpu().numpy()
-        predicted = probabilities.argmax(axis=1)
-        heat = np.zeros((len(batch), inputs.shape[2], inputs.shape[3]), dtype=np.float32)
-        for method in {item.method for item in batch}:
+        # One forward pass per fold serves both the probabilities and the map (explain.explained_prediction).
+        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
+        results: list[Inferred | None] = [None] * len(batch)
+        for method in dict.fromkeys(item.method for item in batch):
             rows = [i for i, item in enumerate(batch) if item.method == method]
-            subset, classes = inputs[rows], predicted[rows]
+            subset = inputs if len(rows) == len(batch) else inputs[rows]
             with self.autocast():
-                if method == "gradcam":
-                    heat[rows] = explain.grad_cam(self.networks, osteo.explain_target_layer, subset, classes)
-                else:
-                    heat[rows] = explain.input_saliency(self.networks, subset, classes)
-        return [Inferred(probabilities[i], int(predicted[i]), heat[i]) for i in range(len(batch))]
+                probabilities, predicted, heat = explain.explained_prediction(
+                    self.networks, subset, method, osteo.explain_target_layer)
+            for k, i in enumerate(rows):
+                results[i] = Inferred(probabilities[k], int(predicted[k]), heat[k])
+        return results
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         labels = self.card["labels"]
