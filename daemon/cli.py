@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "header before decoding (default: 80,000,000)")
     parser.add_argument("--max-batch", type=int, default=4,
                         help="most requests of one task inferred together when several are waiting (default: 4)")
+    parser.add_argument("--max-queue-mb", type=float, default=64,
+                        help="preprocessed requests waiting for the model hold at most about this many MB; "
+                             "preprocessing pauses while they hold more (default: 64)")
     parser.add_argument("--workers", type=int, default=2,
                         help="threads decoding and preprocessing requests while the model infers (default: 2)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
                         precision=args.precision)
-    server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers)
+    server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers,
+                    max_queue_bytes=int(args.max_queue_mb * (1 << 20)))
     server.install_signal_handlers()
     server.registry = load_registry(args.weights, settings, args.tasks,
                                     {task: pick_device(device) for task, device in task_devices.items()})
