@@ -164,6 +164,16 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's threads: start its own pool."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 @lru_cache(maxsize=32)  # panoramics from one device share their size (a size has ~12 line sets)
 def _chunks(lengths_key: bytes, parts: int) -> tuple[tuple[int, int], ...]:
     """Split lines into ``parts`` consecutive runs holding about the same number of pixels."""

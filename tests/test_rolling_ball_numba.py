@@ -49,3 +49,21 @@ def test_the_compiled_kernel_is_cached_where_numba_is_told(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     subprocess.run([sys.executable, "-c", script], check=True, timeout=180, env=env)
     assert list((tmp_path / "cache").rglob("*.nbi")), "no numba cache index written"
+
+
+def test_a_forked_child_uses_the_kernel_too():
+    """A DataLoader-style fork after the parent used its thread pool still gets its lines filtered."""
+    assert rolling_ball_numba.wait(120)
+    image = xray_like(300, 400, seed=12)
+    expected = subtract_background(image, 50)  # starts the parent's pool
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        try:
+            os.write(write_end, b"1" if np.array_equal(subtract_background(image, 50), expected) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1" and status == 0
+    os.close(read_end)
