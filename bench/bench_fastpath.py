@@ -2,8 +2,9 @@
 
     python bench/bench_fastpath.py --before /tmp/before [--burst 150] [--rounds 5] [--seed-flow]
 
-For each tree (``--before`` DIR, an export of the older commit with its own ``weights/``, then
-this one), a ``run_model.py weights/`` daemon with every card loaded:
+For each tree (``--before`` DIR, an export of the older commit with its own ``weights/``, and
+this one), a ``run_model.py weights/`` daemon with every card loaded, both alive at once and
+the lone requests alternating between them (a shared machine's load then falls on both alike):
 
 - start-up: seconds to the ready line, then the first osteo request on a full-size image
   (what a cold start costs, numba's cache included); for this tree also with an empty numba
@@ -124,26 +125,33 @@ def burst(daemon: Daemon, images: list[Path], n: int, out: Path) -> dict[str, fl
             "seconds": seconds, "n": n}
 
 
-def measure_tree(tree: Path, images: dict[str, Path], args: argparse.Namespace, out: Path,
-                 env: dict[str, str] | None = None) -> dict:
-    result: dict = {}
-    daemon = Daemon(tree, tree / "weights", env=env)
-    result["ready_s"] = daemon.ready_s
-    reply, wall = daemon.ask({"img_path": str(images["1435x2943"]), "destination_path": str(out / "first")})
-    result["first_ms"] = wall
-    latency: dict[str, list[float]] = {}
+def measure_trees(trees: dict[str, Path], images: dict[str, Path], args: argparse.Namespace, out: Path) -> dict:
+    """Start-up, first request, lone latencies and a burst of each tree's daemon. The lone requests
+    alternate between the trees' daemons (both loaded, one working at a time), so that a load
+    that comes and goes on a shared machine falls on both columns alike."""
+    results: dict = {name: {} for name in trees}
+    daemons = {}
+    for name, tree in trees.items():
+        daemons[name] = daemon = Daemon(tree, tree / "weights")
+        results[name]["ready_s"] = daemon.ready_s
+        _, results[name]["first_ms"] = daemon.ask({"img_path": str(images["1435x2943"]),
+                                                   "destination_path": str(out / name / "first")})
+    latency: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for _ in range(args.rounds):
-        for request in example_requests(out):
-            reply, _ = daemon.ask(request)
-            latency.setdefault(f"{reply['task']} (examples)", []).append(reply["elapsed_ms"])
-        for name, path in images.items():
-            reply, _ = daemon.ask({"img_path": str(path), "destination_path": str(out / "lone")})
-            latency.setdefault(f"osteo {name}", []).append(reply["elapsed_ms"])
-    result["latency"] = {name: statistics.median(values) for name, values in latency.items()}
+        requests = [(f"{r['task']} (examples)", r) for r in example_requests(out)]
+        requests += [(f"osteo {label}", {"img_path": str(path), "destination_path": str(out / "lone")})
+                     for label, path in images.items()]
+        for label, request in requests:
+            for name, daemon in daemons.items():
+                reply, _ = daemon.ask(request)
+                latency[name].setdefault(label, []).append(reply["elapsed_ms"])
     full = [images[f"{h}x{w}"] for h, w in FULL_SIZES]
-    result["burst"] = burst(daemon, full, args.burst, out)
-    daemon.close()
-    return result
+    for name, daemon in daemons.items():
+        results[name]["latency"] = {label: statistics.median(values) for label, values in latency[name].items()}
+        results[name]["burst"] = burst(daemon, full, args.burst, out / name)
+        daemon.close()
+        print(name, json.dumps(results[name], indent=1), flush=True)
+    return results
 
 
 def cold_cache(tree: Path, images: dict[str, Path], out: Path) -> dict[str, float]:
@@ -210,14 +218,19 @@ def seed_flow(checkpoint: Path, image: Path, out: Path) -> tuple[float, str, flo
     return seconds, ["Healthy Patient", "Patient with Osteoporosis"][predicted], probability
 
 
-def seed_served(tree: Path, checkpoint: Path, image: Path, rounds: int, out: Path) -> tuple[float, str, float]:
-    daemon = Daemon(tree, checkpoint, "--explain", "saliency")
-    times, reply = [], {}
+def seed_served(trees: dict[str, Path], checkpoint: Path, image: Path, rounds: int, out: Path) -> list[tuple]:
+    """Each tree's daemon on the seed checkpoint with --explain saliency, requests alternating."""
+    daemons = {name: Daemon(tree, checkpoint, "--explain", "saliency") for name, tree in trees.items()}
+    times: dict[str, list[float]] = {name: [] for name in trees}
+    replies = {}
     for _ in range(rounds + 1):
-        reply, _ = daemon.ask({"img_path": str(image), "destination_path": str(out / "seed")})
-        times.append(reply["elapsed_ms"])
-    daemon.close()
-    return statistics.median(times[1:]) / 1000, reply["diagnosis"], reply["probability"]
+        for name, daemon in daemons.items():
+            replies[name], _ = daemon.ask({"img_path": str(image), "destination_path": str(out / name / "seed")})
+            times[name].append(replies[name]["elapsed_ms"])
+    for daemon in daemons.values():
+        daemon.close()
+    return [(statistics.median(times[name][1:]) / 1000, replies[name]["diagnosis"], replies[name]["probability"])
+            for name in trees]
 
 
 def main() -> None:
@@ -232,12 +245,8 @@ def main() -> None:
     images = phantoms(work)
     load = [os.getloadavg()[0]]
     trees = {"before": args.before.resolve(), "after": REPO}
-    results = {}
-    for name, tree in trees.items():
-        print(f"measuring {name} ({tree}) ...", flush=True)
-        results[name] = measure_tree(tree, images, args, work / name)
-        print(json.dumps(results[name], indent=1), flush=True)
-        load.append(os.getloadavg()[0])
+    results = measure_trees(trees, images, args, work)
+    load.append(os.getloadavg()[0])
     cold = cold_cache(REPO, images, work / "cold")
     print("cold numba cache:", cold, flush=True)
     b, a = results["before"], results["after"]
@@ -263,8 +272,7 @@ def main() -> None:
         checkpoint = work / "efficientnet-b0_full_C1_C3.pth"
         seed_checkpoint(checkpoint)
         image = images["1435x2943"]
-        served_before = seed_served(trees["before"], checkpoint, image, args.rounds, work / "before")
-        served_after = seed_served(REPO, checkpoint, image, args.rounds, work / "after")
+        served_before, served_after = seed_served(trees, checkpoint, image, args.rounds, work)
         print("served:", served_before, served_after, flush=True)
         flow = seed_flow(checkpoint, image, work)
         print("seed flow:", flow, flush=True)
@@ -279,11 +287,13 @@ daemon's `elapsed_ms` median of {args.rounds} after one warm-up request:
 | daemon, before | {served_before[0]:.2f} | {served_before[1]} | {served_before[2]:.4f} | {flow[0] / served_before[0]:.0f}x |
 | daemon, after | {served_after[0]:.2f} | {served_after[1]} | {served_after[2]:.4f} | **{flow[0] / served_after[0]:.0f}x** |
 """
+    load.append(os.getloadavg()[0])
     body = f"""`python bench/bench_fastpath.py --before /tmp/before --burst {args.burst} --rounds {args.rounds}{' --seed-flow' if args.seed_flow else ''}`
 (`/tmp/before`: `git archive` of the commit before this work). CPU, every card under `weights/` loaded; osteo
 requests on `train.synthetic` phantoms (no full-size real panoramic is available here: the real ones under
-shared/data are downscaled to <= 384 px). Load average {', '.join(f'{x:.1f}' for x in load)} (start, after
-before, after after): the machine is shared, so compare the columns, not the absolute numbers.
+shared/data are downscaled to <= 384 px). Load average {', '.join(f'{x:.1f}' for x in load)} (start, after the
+comparison, at the end): the machine is shared with other work, so compare the columns, not the absolute
+numbers. Both daemons stay loaded and the lone requests alternate between them; bursts run one daemon at a time.
 
 | lone request, `elapsed_ms` | before | after | after / before |
 |---|---|---|---|

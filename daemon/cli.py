@@ -103,11 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()
+    if args.tasks is None or "osteo" in args.tasks:
+        from tasks import rolling_ball_numba
+        rolling_ball_numba.start_compiling()  # loads beside torch's imports; numpy serves until it is ready
 
     from daemon.handlers.base import Settings
     from daemon.registry import load_registry, pick_device
-    from daemon.server import Server
+    from daemon.server import Server, tune_heap
     from tasks import imaging
+
+    tune_heap()
 
     default_device, task_devices = args.device
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,

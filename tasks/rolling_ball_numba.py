@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -102,6 +103,7 @@ def _subtract(image, background, offset, out):
 
 def _compile() -> None:
     global _kernel, _subtract_kernel, _failure
+    began = time.perf_counter()
     try:
         import numba
 
@@ -115,6 +117,7 @@ def _compile() -> None:
         kernel(flat, np.zeros(1, np.int64), 1, np.full(1, 8, np.int64), 0.5, 0, 1, np.zeros((1, 2), np.int64))
         subtract(np.zeros(8, np.uint8), flat, 0.5, np.zeros(8, np.uint8))
         _kernel, _subtract_kernel = kernel, subtract
+        log.info("compiled rolling ball ready after %.1f s", time.perf_counter() - began)
     except Exception as exc:  # numba missing, or it cannot compile here: numpy serves
         _failure = f"{type(exc).__name__}: {exc}"
         log.info("compiled rolling ball unavailable (%s); using the vectorised numpy path", _failure)
