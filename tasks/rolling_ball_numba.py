@@ -114,7 +114,10 @@ def _compile() -> None:
             log.info("numba cache unavailable (%s): compiling the rolling ball in memory", exc)
             kernel, subtract = numba.njit(nogil=True)(_slide_lines), numba.njit(nogil=True)(_subtract)
         flat = np.arange(8, dtype=np.float64)
-        kernel(flat, np.zeros(1, np.int64), 1, np.full(1, 8, np.int64), 0.5, 0, 1, np.zeros((1, 2), np.int64))
+        starts, lengths = np.zeros(1, np.int64), np.full(1, 8, np.int64)
+        kernel(flat, starts, 1, lengths, 0.5, 0, 1, np.zeros((1, 2), np.int64))
+        starts.flags.writeable = lengths.flags.writeable = False  # the line passes' (shared) arrays
+        kernel(flat, starts, 1, lengths, 0.5, 0, 1, np.zeros((1, 2), np.int64))
         subtract(np.zeros(8, np.uint8), flat, 0.5, np.zeros(8, np.uint8))
         _kernel, _subtract_kernel = kernel, subtract
         log.info("compiled rolling ball ready after %.1f s", time.perf_counter() - began)
