@@ -1,9 +1,10 @@
 """Rolling-ball background subtraction speed and agreement, run by hand.
 
     python bench/bench_rolling_ball.py [--height 1348 --width 2863] [--image pano.png]
-                                       [--radius 180] [--runs 5] [--reference] [--skimage]
+                                       [--radius 180] [--runs 5] [--reference] [--skimage] [--numpy]
 
-Times ``tasks.rolling_ball.subtract_background`` (median of --runs after a warm-up) on a
+Times ``tasks.rolling_ball.subtract_background`` (the compiled path, and with --numpy also the
+vectorised fallback; median of --runs after a warm-up) on a
 synthetic panoramic-like 8-bit image of the real size (or --image). --reference also times the
 seed's opencv-rolling-ball once (about a minute at full size) and reports the max/mean absolute
 difference; --skimage times skimage.restoration.rolling_ball (a different, far slower algorithm)
@@ -25,6 +26,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
+from tasks import rolling_ball_numba  # noqa: E402
 from tasks.rolling_ball import subtract_background  # noqa: E402
 
 
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time opencv-rolling-ball once and compare")
     parser.add_argument("--skimage", action="store_true", help="also time skimage.restoration.rolling_ball on a crop")
     parser.add_argument("--skimage-crop", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
+    parser.add_argument("--numpy", action="store_true", help="also time the vectorised numpy fallback")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args()
 
@@ -86,18 +89,35 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"image {height}x{width}, radius {args.radius}, load average {load:.1f}")
 
-    subtract_background(image, args.radius)  # warm-up
-    times, cpu_times = [], []
-    for _ in range(args.runs):
-        cpu_start = time.process_time()
-        seconds, ours = timed(subtract_background, image, args.radius)
-        cpu_times.append(time.process_time() - cpu_start)
-        times.append(seconds)
-    median, cpu = statistics.median(times), statistics.median(cpu_times)
-    print(f"ours: median {median:.3f} s, min {min(times):.3f} s, CPU {cpu:.3f} s over {args.runs} runs")
-    rows = [f"| ours (`tasks.rolling_ball`) | {height}x{width} | {median:.2f} (min {min(times):.2f}) | "
-            f"median of {args.runs}; CPU time {cpu:.2f} s (single-threaded numpy) |"]
-    agreement = []
+    compiled = rolling_ball_numba.wait(120)
+    paths = [("compiled (numba)", True)] if compiled else []
+    if args.numpy or not compiled:
+        paths.append(("vectorised numpy fallback", False))
+    rows, agreement, results, medians = [], [], {}, {}
+    for label, use_compiled in paths:
+        ready = rolling_ball_numba.ready
+        if not use_compiled:
+            rolling_ball_numba.ready = lambda: False
+        try:
+            subtract_background(image, args.radius)  # warm-up
+            times, cpu_times = [], []
+            for _ in range(args.runs):
+                cpu_start = time.process_time()
+                seconds, ours = timed(subtract_background, image, args.radius)
+                cpu_times.append(time.process_time() - cpu_start)
+                times.append(seconds)
+        finally:
+            rolling_ball_numba.ready = ready
+        results[label] = ours
+        medians[label] = median = statistics.median(times)
+        cpu = statistics.median(cpu_times)
+        print(f"ours, {label}: median {median:.3f} s, min {min(times):.3f} s, CPU {cpu:.3f} s over {args.runs} runs")
+        rows.append(f"| ours, {label} (`tasks.rolling_ball`) | {height}x{width} | {median:.3f} (min {min(times):.3f}) | "
+                    f"median of {args.runs}; CPU time {cpu:.3f} s |")
+    ours, median = results[paths[0][0]], medians[paths[0][0]]
+    if len(results) == 2:
+        worst, mean, count = diff_stats(*results.values())
+        agreement.append(f"Compiled vs numpy path: {count} of {ours.size} pixels differ (max {worst}).")
 
     if args.reference:
         from cv2_rolling_ball import subtract_background_rolling_ball
@@ -123,7 +143,8 @@ def main() -> None:
                     f"ours {ours_crop * 1e3:.0f} ms on the crop |")
         print(f"skimage: {seconds:.1f} s ({per_pixel * 1e6:.0f} us/pixel)")
 
-    command = "python bench/bench_rolling_ball.py" + " --reference" * args.reference + " --skimage" * args.skimage
+    command = ("python bench/bench_rolling_ball.py" + " --reference" * args.reference + " --skimage" * args.skimage
+               + " --numpy" * args.numpy + (f" --image {args.image.name}" if args.image else ""))
     body = "\n".join([
         f"ImageJ sliding paraboloid (radius {args.radius:g}, dark background, 3x3 presmoothing), as the osteo "
         f"seed calls opencv-rolling-ball. Command: `{command}`.", "",

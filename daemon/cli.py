@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "header before decoding (default: 80,000,000)")
     parser.add_argument("--max-batch", type=int, default=4,
                         help="most requests of one task inferred together when several are waiting (default: 4)")
+    parser.add_argument("--max-queue-mb", type=float, default=64,
+                        help="preprocessed requests waiting for the model hold at most about this many MB; "
+                             "preprocessing pauses while they hold more (default: 64)")
     parser.add_argument("--workers", type=int, default=2,
                         help="threads decoding and preprocessing requests while the model infers (default: 2)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     began = time.perf_counter()
+    if args.tasks is None or "osteo" in args.tasks:
+        from tasks import rolling_ball_numba
+        rolling_ball_numba.start_compiling()  # loads beside torch's imports; numpy serves until it is ready
     server = make_server(args, protocol_out)
     server.install_signal_handlers()
     load_models(server, args)
@@ -122,15 +128,17 @@ def make_server(args: argparse.Namespace, out: BinaryIO | None = None) -> Server
     batch runner's actors build theirs here too, so they serve exactly as ``run_model.py`` does."""
     from daemon.handlers.base import Settings
     from daemon.registry import pick_device
-    from daemon.server import Server
+    from daemon.server import Server, tune_heap
     from tasks import imaging
 
+    tune_heap()
     default_device, _ = args.device
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
                         precision=args.precision, dicom=args.dicom)
-    return Server(settings, args.default_task, out, max_batch=args.max_batch, workers=args.workers)
+    return Server(settings, args.default_task, out, max_batch=args.max_batch, workers=args.workers,
+                  max_queue_bytes=int(args.max_queue_mb * (1 << 20)))
 
 
 def load_models(server: Server, args: argparse.Namespace) -> None:

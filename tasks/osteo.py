@@ -105,15 +105,19 @@ def to_tensor(gray_resized: np.ndarray, input_spec: dict[str, Any]) -> torch.Ten
     return ((x - mean) / std).contiguous()
 
 
-def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
-    """Full osteo preprocessing of an 8-bit gray image.
-
-    Returns the network input (3, H, W) and the background-subtracted gray image at model size
-    (what the overlays are drawn on, as the seed de-normalised its input for them).
-    """
+def preprocessed_gray(gray: np.ndarray, input_spec: dict[str, Any]) -> np.ndarray:
+    """Rolling ball then resize: the background-subtracted 8-bit gray image at model size, which
+    ``to_tensor`` turns into the network input (and the overlays are drawn on, as the seed
+    de-normalised its input for them)."""
     size = tuple(input_spec.get("size", INPUT_SIZE))
     radius = int(input_spec.get("rolling_ball_radius", ROLLING_BALL_RADIUS))
-    shown = resized_gray(background_subtracted(gray, radius), size)
+    return resized_gray(background_subtracted(gray, radius), size)
+
+
+def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Full osteo preprocessing of an 8-bit gray image: the network input (3, H, W) and
+    ``preprocessed_gray``, the background-subtracted gray image at model size."""
+    shown = preprocessed_gray(gray, input_spec)
     return to_tensor(shown, input_spec), shown
 
 

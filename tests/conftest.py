@@ -24,7 +24,8 @@ from tasks.weights import save_state_dict  # noqa: E402
 TINY_OSTEO_SIZE = (96, 192)
 
 
-def write_tiny_osteo_card(folder: Path, *, folds: int = 1, seed: int = 0, demo: bool = True) -> Path:
+def write_tiny_osteo_card(folder: Path, *, folds: int = 1, seed: int = 0, demo: bool = True,
+                          size: tuple[int, int] = TINY_OSTEO_SIZE) -> Path:
     """A randomly initialised, very small EfficientNet osteo card (for protocol tests, not accuracy)."""
     folder.mkdir(parents=True, exist_ok=True)
     architecture = osteo.default_architecture("efficientnet-b0", width_coefficient=0.25, depth_coefficient=0.2)
@@ -37,7 +38,7 @@ def write_tiny_osteo_card(folder: Path, *, folds: int = 1, seed: int = 0, demo: 
         entries.append({"file": path.name, "sha256": cards.sha256_file(path), "fold": k})
     cards.write_card(folder, {
         "task": "osteo", "name": "osteo-tiny-test", "version": "test", "demo": demo,
-        "architecture": architecture, "input": osteo.default_input_spec(TINY_OSTEO_SIZE),
+        "architecture": architecture, "input": osteo.default_input_spec(size),
         "labels": osteo.LABELS_C1_C3, "folds": entries, "data": {"source": "random init for tests"},
     })
     return folder

@@ -104,15 +104,17 @@ def test_explanations_are_built_in_float32_under_low_precision_autocast():
 
 
 def test_osteo_handler_runs_its_forward_and_both_explanations_under_autocast(tiny_weights, monkeypatch):
-    """The handler's sequence (inference_mode forward, then Grad-CAM / saliency with gradients) under
-    a low-precision autocast: CPU bfloat16 stands in for CUDA float16, which this machine lacks."""
+    """The handler's sequence (one forward pass with gradients per fold serving the probabilities and
+    the Grad-CAM / saliency map) under a low-precision autocast: CPU bfloat16 stands in for CUDA
+    float16, which this machine lacks."""
     from daemon.handlers.osteo import Prepared
     from daemon.registry import load_registry
 
     handler = load_registry(tiny_weights, Settings(device=CPU)).handlers["osteo"]
     height, width = handler.card["input"]["size"]
     torch.manual_seed(0)
-    batch = [Prepared(torch.randn(3, height, width), np.zeros((height, width), np.uint8), method)
+    rng = np.random.default_rng(0)
+    batch = [Prepared(rng.integers(0, 256, (height, width), dtype=np.uint8), method)
              for method in ("gradcam", "saliency")]
     reference = handler.infer(batch)
     monkeypatch.setattr(TaskHandler, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))

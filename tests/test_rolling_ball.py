@@ -10,10 +10,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks import rolling_ball, rolling_ball_numba  # noqa: E402
 from tasks.rolling_ball import estimate_background, subtract_background  # noqa: E402
 
 # The reference divides by zero on short lines (as ImageJ would); its warnings are expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:cv2_rolling_ball.*")
+
+
+@pytest.fixture(params=["compiled", "numpy"], autouse=True)
+def path(request, monkeypatch):
+    """Every test runs on both paths: the numba kernel, and the numpy fallback that serves while
+    it loads or where numba is missing."""
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+        assert rolling_ball_numba.wait(120), rolling_ball_numba.failure()
+    else:
+        monkeypatch.setattr(rolling_ball_numba, "ready", lambda: False)
+    return request.param
 
 
 def xray_like(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -119,7 +119,7 @@ def preprocessed_gray(path: Path, input_spec: dict[str, Any]) -> np.ndarray:
         gray = read_image(path, color="gray")
     except ImageReadError as exc:
         raise SystemExit(f"cannot read training image {path}: {exc}") from exc
-    return osteo.preprocess(gray, input_spec)[1]
+    return osteo.preprocessed_gray(gray, input_spec)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
