@@ -242,3 +242,40 @@ def test_scorer_trunk_starts_from_the_segmenters_encoder():
     deeper = brixia.build_scorer(brixia.default_scorer("resnet10t", stage=4))
     with pytest.raises(ValueError, match="encoder-depth"):
         brixia.trunk_state_from_segmenter(segmenter.state_dict(), deeper)
+
+
+# ---------------------------------------------------------------- the pose classifier
+
+def test_the_eight_poses_are_the_turns_and_mirrors_of_a_film():
+    from tasks.brixia_orient import POSES, apply_pose
+
+    frame = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    posed = [apply_pose(frame, k) for k in range(len(POSES))]
+    assert (posed[0] == frame).all() and (posed[1] == frame[:, ::-1]).all()
+    assert (posed[2] == np.rot90(frame, -1)).all() and (posed[4] == frame[::-1, ::-1]).all()
+    assert (posed[6] == np.rot90(frame, 1)).all()
+    assert len({p.tobytes() for p in posed}) == 8                  # all different
+
+
+def test_pose_problem_names_the_pose_and_lets_an_upright_or_unsure_film_through():
+    from tasks.brixia_orient import pose_problem
+
+    assert pose_problem(np.array([0.9, 0.1, 0, 0, 0, 0, 0, 0])) is None
+    assert pose_problem(np.array([0.3, 0.45, 0.25, 0, 0, 0, 0, 0])) is None       # not sure enough: let through
+    message = pose_problem(np.array([0.05, 0.9, 0.05, 0, 0, 0, 0, 0]))
+    assert "mirrored" in message and "0.90" in message
+    assert "upside down" in pose_problem(np.eye(8)[4])
+
+
+def test_orient_net_and_its_metrics():
+    from tasks.brixia_orient import build_orient, default_orient, pose_probabilities
+    from train.brixia_metrics import orient_metrics, orient_records
+
+    net = build_orient(default_orient(size=32, channels=(4, 8))).eval()
+    probabilities = pose_probabilities([net], torch.randn(3, 1, 64, 64))
+    assert probabilities.shape == (3, 8) and torch.allclose(probabilities.sum(-1), torch.ones(3))
+    logits = torch.full((4, 8), -5.0)
+    logits[0, 0] = logits[1, 1] = logits[2, 0] = logits[3, 4] = 5.0   # right, right, a mirrored film let through, right
+    metrics = orient_metrics(orient_records(logits, torch.tensor([0, 1, 1, 4]), torch.arange(4)))
+    assert metrics["accuracy"] == 0.75 and metrics["upright_passed"] == 1.0
+    assert metrics["mirrored_refused"] == 0.5 and metrics["turned_refused"] == pytest.approx(2 / 3)

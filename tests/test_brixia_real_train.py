@@ -71,10 +71,15 @@ def trained(layouts):
     seg = layouts / "runs" / "seg"
     assert train_brixia.main(["seg", "--jsrt", str(layouts / "jsrt"), "--covid-qu-ex", str(layouts / "covid"),
                               "--out", str(seg), *SEG, *TINY]) == 0
+    orient = layouts / "runs" / "orient"
+    assert train_brixia.main(["orient", "--jsrt", str(layouts / "jsrt"), "--covid-qu-ex", str(layouts / "covid"),
+                              "--out", str(orient), "--size", "64", "--orient-size", "32", "--channels", "4", "8",
+                              *TINY]) == 0
     out = layouts / "runs" / "weights" / "brixia"
     assert train_brixia.main(["score", str(layouts / "cohen"), "--metadata",
                               str(layouts / "cohen" / "public-annotations.csv"), "--reader", "mean",
-                              "--seg", str(seg), "--out", str(out), "--backbone", "resnet10t", "--stage", "2",
+                              "--seg", str(seg), "--orient", str(orient), "--out", str(out), "--backbone", "resnet10t",
+                              "--stage", "2",
                               "--trunk-from-seg", "--trunk-lr", "0.1", "--opacity", "--shared-head",
                               "--ordinal-weight", "0.5", "--demo", "--half", *TINY]) == 0
     return out
@@ -109,6 +114,10 @@ def test_score_card_is_measured_against_the_senior_reader_with_the_junior_beside
     assert {"mae", "global_mae", "accuracy", "global_spearman"} <= set(human)
     assert {"argmax", "expected_global_mae"} <= set(pooled)
     assert card["output"]["film_limits"]["measured"]["n"] == 6
+    assert [f["model"] for f in card["folds"] if f.get("shared")] == ["seg", "seg", "orient", "orient"]
+    assert card["architecture"]["orient"]["poses"][:2] == ["upright", "mirrored"] and card["output"]["orient_threshold"]
+    orient = read_card(trained.parent.parent / "orient")
+    assert {"accuracy", "upright_passed", "mirrored_refused", "per_pose"} <= set(orient["metrics"]["pooled"])
     assert card["metrics"]["film_check"]["films_checked"] == 18
     oof = list(csv.DictReader(open(trained / "oof_predictions.csv")))
     assert len(oof) == 18 and {"pred_A", "true_A", "reader2_A", "argmax_A"} <= set(oof[0])

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import brixia, cards
+from tasks import brixia, brixia_orient, cards
 from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
@@ -62,29 +62,45 @@ from train.common import TrainTask, add_training_arguments, run_kfold
 from tasks.brixia_film import film_measures, film_problem, limits_from_masks
 from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
 from tasks.intensity import POLICIES, default_intensity
-from train.brixia_data import (ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
+from train.brixia_data import (OrientSamples, ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
                                read_gray, seg_sample)
-from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, plot_score_report, plot_seg_report,
-                                  score_metrics, seg_metrics, stn_loss, stn_metrics, stn_records)
+from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_metrics, orient_records,
+                                  plot_score_report, plot_seg_report, score_metrics, seg_metrics, stn_loss, stn_metrics,
+                                  stn_records)
 from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, UNLABELLED, covid_qu_ex_cases, folder_cases,
                                   is_cohen_annotations, jsrt_cases, read_cohen_annotations)
 from train.losses import SegmentationLoss
 from train.metrics import json_safe
 from train.reporting import data_source
 
-STAGES = ("seg", "stn", "score")
+STAGES = ("seg", "stn", "orient", "score")
 IMAGE_FOLDERS = (".", "images", "dicom_clean", "png", "public-cohen-subset")
 SEG_PRIOR = 0.1   # a lung or the heart covers roughly a tenth of a chest film
 
 
 # ---------------------------------------------------------------- arguments
 
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The segmentation sources (seg and orient stages): per-structure folders, JSRT, COVID-QU-Ex."""
+    parser.add_argument("images", type=Path, nargs="?", help="folder of chest X-rays (PNG/JPEG/DICOM), with MASKS")
+    parser.add_argument("masks", type=Path, nargs="?", help="folder with one sub-folder of mask PNGs per structure "
+                                                            "(right_lung, left_lung, heart[, opacity]), names as the images")
+    parser.add_argument("--jsrt", type=Path, action="append", default=[], metavar="ROOT",
+                        help="a JSRT/SCR-style label-map set: ROOT/images/*.png + ROOT/masks/*.png (repeatable)")
+    parser.add_argument("--jsrt-values", type=int, nargs=3, default=list(JSRT_VALUES),
+                        metavar=("RIGHT", "LEFT", "HEART"), help="pixel values of right lung, left lung and heart in the "
+                                                                 "label maps")
+    parser.add_argument("--covid-qu-ex", type=Path, action="append", default=[], metavar="ROOT",
+                        help="COVID-QU-Ex Infection Segmentation Data: every class folder under ROOT with images/, "
+                             "'lung masks/', 'infection masks/' (repeatable)")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.brixia",
-        description="Train the Brixia chest X-ray pipeline: seg (lungs + heart), stn (alignment), score (regions "
-                    "A-F, 0-3 each). Each stage writes a card; the score card bundles the other two and is what "
-                    "the daemon serves. Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.brixia STAGE ...")
+        description="Train the Brixia chest X-ray pipeline: seg (lungs, heart, opacity), stn (alignment), orient "
+                    "(pose check), score (regions A-F, 0-3 each). Each stage writes a card; the score card bundles "
+                    "the others and is what the daemon serves. Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.brixia STAGE ...")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -92,16 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             description="Train the smp segmenter: sigmoid channels right lung, left lung, heart and, "
                                         "when a source labels it, lung opacity. Sources can be combined in one run; "
                                         "a channel a source does not label contributes no loss.")
-    seg.add_argument("images", type=Path, nargs="?", help="folder of chest X-rays (PNG/JPEG/DICOM), with MASKS")
-    seg.add_argument("masks", type=Path, nargs="?", help="folder with one sub-folder of mask PNGs per structure "
-                                                         "(right_lung, left_lung, heart[, opacity]), names as the images")
-    seg.add_argument("--jsrt", type=Path, action="append", default=[], metavar="ROOT",
-                     help="a JSRT/SCR-style label-map set: ROOT/images/*.png + ROOT/masks/*.png (repeatable)")
-    seg.add_argument("--jsrt-values", type=int, nargs=3, default=list(JSRT_VALUES), metavar=("RIGHT", "LEFT", "HEART"),
-                     help="pixel values of right lung, left lung and heart in the label maps")
-    seg.add_argument("--covid-qu-ex", type=Path, action="append", default=[], metavar="ROOT",
-                     help="COVID-QU-Ex Infection Segmentation Data: every class folder under ROOT with images/, "
-                          "'lung masks/', 'infection masks/' (repeatable)")
+    add_source_arguments(seg)
     seg.add_argument("--opacity", choices=("auto", "on", "off"), default="auto",
                      help="a fourth channel for lung opacity (auto: when a source labels it)")
     seg.add_argument("--arch", default="Unet", help="smp architecture (Unet, UnetPlusPlus, FPN, ...)")
@@ -128,6 +135,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     stn.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 64], help="conv widths")
     add_training_arguments(stn, epochs=30, batch_size=32, lr=1e-3, folds=5)
 
+    orient = stages.add_parser("orient", help="pose classifier: refuses mirrored and rotated films", formatter_class=fmt,
+                               description="Train the eight-pose classifier (upright, mirrored, rotated) on the "
+                                           "segmentation films, each shown in a random pose (self-supervised).")
+    add_source_arguments(orient)
+    orient.add_argument("--size", type=int, default=512, help="frame side the films are brought to (as seg)")
+    orient.add_argument("--fit", default="resize", choices=brixia.FITS, help="as seg")
+    orient.add_argument("--intensity", default="center-percentile", choices=POLICIES, help="as seg")
+    orient.add_argument("--orient-size", type=int, default=128, help="side of the classifier's own input")
+    orient.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="conv widths")
+    orient.add_argument("--cache-dir", type=Path, default=None, help="keep the model frames here between runs")
+    add_training_arguments(orient, epochs=10, batch_size=32, lr=2e-3, folds=2)
+
     score = stages.add_parser("score", help="region scorer; writes the served card", formatter_class=fmt,
                               description="Train the six-region scorer on BrixIA and bundle seg + stn into its card.")
     score.add_argument("data", type=Path, help="folder with the images (also looked up in images/, dicom_clean/, png/, "
@@ -143,6 +162,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     score.add_argument("--seg", type=Path, required=True, help="folder of the seg stage's card")
     score.add_argument("--stn", type=Path, default=None,
                        help="folder of the stn stage's card (without it the mask-derived alignment is served)")
+    score.add_argument("--orient", type=Path, default=None,
+                       help="folder of the orient stage's card: the daemon then refuses mirrored and rotated films")
     score.add_argument("--backbone", default="resnet34", help="timm ResNet (resnet34 as the paper; resnet10t small)")
     score.add_argument("--stage", dest="trunk_stage", type=int, default=4,
                        help="last ResNet stage used (4 = all; 3 halves the feature stride and drops most weights)")
@@ -282,6 +303,35 @@ def stn_task(args: argparse.Namespace) -> TrainTask:
     )
 
 
+def orient_task(args: argparse.Namespace) -> TrainTask:
+    cases = seg_cases(args)
+    input_spec = brixia.default_input_spec(args.size, args.fit, default_intensity(args.intensity))
+    architecture = brixia_orient.default_orient(args.orient_size, args.channels)
+    sample = _sampler(lambda case: brixia.prepare_frame(read_gray(case.image), input_spec)[0], cases,
+                      {"input": input_spec, "frame": True}, key=lambda case: case.image, folder=args.cache_dir)
+    sources = [case.source for case in cases]
+    counts = {source: sources.count(source) for source in sorted(set(sources))}
+    return TrainTask(
+        name="brixia-orient", items=[case.key for case in cases], strata=[sorted(counts).index(s) for s in sources],
+        dataset=lambda indices, train: OrientSamples(sample, indices, input_spec, train, orient_size=args.orient_size),
+        build_model=lambda: brixia_orient.build_orient(architecture), loss=torch.nn.CrossEntropyLoss(),
+        records=orient_records, metrics=orient_metrics, score_key="accuracy",
+        make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4),
+        make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
+        card={"task": "brixia-orient", "name": f"brixia-orient-{args.orient_size}", "architecture": architecture,
+              "input": input_spec, "labels": list(brixia_orient.POSES),
+              "output": {"threshold": 0.5, "rule": "refuse when the most probable pose is not upright and has at "
+                                                   "least this probability"},
+              "data": {"n_images": len(cases), "sources": {source: {"n_images": n,
+                                                                    "note": SOURCE_NOTES.get(source.split("/")[0], "")}
+                                                           for source, n in counts.items()}},
+              "training": {"target": "the pose each film was shown in (self-supervised: no labels needed)",
+                           "loss": "cross-entropy over the 8 poses",
+                           "augmentation": "a random pose per sample, then rotation +-10, scale 0.9-1.1, "
+                                           "brightness/contrast; validation: film k in pose k mod 8"}},
+    )
+
+
 def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     """A seg or stn card and its fold networks (verified by sha256), in eval mode on ``device``."""
     try:
@@ -292,7 +342,8 @@ def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[
     if card["task"] != expected_task:
         raise SystemExit(f"{folder} holds a {card['task']!r} card; expected {expected_task!r} "
                          f"(run `python -m train.brixia {expected_task.split('-')[1]} ...` first)")
-    build = brixia.build_segmenter if expected_task == "brixia-seg" else brixia.build_stn
+    build = {"brixia-seg": brixia.build_segmenter, "brixia-stn": brixia.build_stn,
+             "brixia-orient": brixia_orient.build_orient}[expected_task]
     networks = []
     for path in cards.fold_paths(folder, card):
         network = build(card["architecture"])
@@ -307,9 +358,9 @@ class Pipeline:
     (``tasks.brixia_film``) would refuse it."""
 
     def __init__(self, seg_card: dict[str, Any], seg: list[torch.nn.Module], stn: list[torch.nn.Module],
-                 device: torch.device, opacity: bool = False):
+                 device: torch.device, opacity: bool = False, orient: list[torch.nn.Module] | None = None):
         self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
-        self.opacity = opacity
+        self.opacity, self.orient = opacity, orient or []
         self.film_limits = (seg_card.get("output") or {}).get("film_limits")
         self.methods: dict[str, int] = {}
         self.refused: dict[str, str] = {}
@@ -320,7 +371,11 @@ class Pipeline:
         tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
         probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
         masks = brixia.clean_masks(probabilities)
-        problem = film_problem(masks, self.film_limits)
+        problem = None
+        if self.orient:
+            poses = brixia_orient.pose_probabilities(self.orient, tensor[None].to(self.device))[0].cpu().numpy()
+            problem = brixia_orient.pose_problem(poses)
+        problem = problem or film_problem(masks, self.film_limits)
         if problem is not None:
             self.refused[Path(path).name] = problem
         self.measures.append(film_measures(masks))
@@ -410,13 +465,17 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
               "name": f"brixia-{args.backbone}-s{args.trunk_stage}-{input_spec['size'][0]}",
               "architecture": {"seg": stage_cards["seg"]["architecture"],
                                "stn": stage_cards["stn"]["architecture"] if stage_cards.get("stn") else None,
+                               **({"orient": stage_cards["orient"]["architecture"]} if stage_cards.get("orient")
+                                  else {}),
                                "score": architecture},
               "input": input_spec, "labels": list(brixia.REGIONS),
               "output": {"levels": brixia.SCORE_LEVELS, "global": "sum of the six region scores (0-18)",
                          "decision": args.decision,
                          "alignment": "stn" if stage_cards.get("stn") else "masks",
                          "canonical_box": list(brixia.CANONICAL_BOX),
-                         "film_limits": (stage_cards["seg"].get("output") or {}).get("film_limits")},
+                         "film_limits": (stage_cards["seg"].get("output") or {}).get("film_limits"),
+                         **({"orient_threshold": stage_cards["orient"]["output"]["threshold"]}
+                            if stage_cards.get("orient") else {})},
               "data": {"root": str(args.data), "metadata": str(args.metadata), "n_images": len(rows),
                        "n_subjects": len(set(subjects)), "reader": reader,
                        "reference": "senior radiologist (S-A..S-F)" if second_reader is not None else
@@ -440,7 +499,7 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
 def _bundle(out: Path, card: dict[str, Any], stage_cards: dict[str, Any], stage_dirs: dict[str, Path]) -> dict[str, Any]:
     """Copy the seg (and stn) fold files next to the scorer folds and list them in the card."""
     entries = []
-    for model in ("seg", "stn"):
+    for model in ("seg", "stn", "orient"):
         stage = stage_cards.get(model)
         if stage is None:
             continue
@@ -517,26 +576,31 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
         raise SystemExit(f"no training images: none of {args.metadata}'s non-consensus rows has an image under {args.data}")
     seg_card, seg = load_stage(args.seg, "brixia-seg", context.device)
     stn_card, stn = load_stage(args.stn, "brixia-stn", context.device) if args.stn else (None, [])
+    orient_card, orient = load_stage(args.orient, "brixia-orient", context.device) if args.orient else (None, [])
+    if orient_card is not None and orient_card["input"] != seg_card["input"]:
+        raise SystemExit("the orient stage was trained on another frame or intensity policy than the segmenter: "
+                         "train both with the same --size, --fit and --intensity")
     if stn_card is not None and stn_card["input"]["size"] != seg_card["input"]["size"]:
         raise SystemExit(f"the STN was trained on a {stn_card['input']['size']} frame, the segmenter on "
                          f"{seg_card['input']['size']}: train both with the same --size")
     if args.opacity and brixia.OPACITY not in brixia.segmenter_labels(seg_card["architecture"]):
         raise SystemExit(f"--opacity needs a segmenter with an opacity channel; {args.seg} has "
                          f"{', '.join(brixia.segmenter_labels(seg_card['architecture']))} (train seg with COVID-QU-Ex)")
-    pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity)
-    stage_cards = {"seg": seg_card, "stn": stn_card}
+    pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity, orient=orient)
+    stage_cards = {"seg": seg_card, "stn": stn_card, "orient": orient_card}
     task = score_task(args, context, pipeline, training_rows, stage_cards)
     card = run_kfold(task, args, context, module="train.brixia")
     if not context.is_main:
         return
     out = Path(args.out)
-    card = _bundle(out, card, stage_cards, {"seg": args.seg, "stn": args.stn})
+    card = _bundle(out, card, stage_cards, {"seg": args.seg, "stn": args.stn, "orient": args.orient})
     card["metrics"]["consensus"] = evaluate_consensus(out, card, pipeline, consensus_rows, consensus, context.device)
     card["data"]["n_consensus_held_out"] = len(consensus_rows)
     card["metrics"]["film_check"] = {
         "films_checked": len(pipeline.measures), "refused": len(pipeline.refused),
         "refused_films": pipeline.refused,
-        "note": "frontal training films the daemon's film check (tasks.brixia_film) would refuse"}
+        "note": "frontal training films the daemon's film check (tasks.brixia_film, and the pose classifier "
+                "when bundled) would refuse"}
     card["output"]["film_measures"] = film_ranges(pipeline.measures)
     cards.write_card(out, json_safe(card))
     pooled = card["metrics"]["pooled"]
@@ -553,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
             run_kfold(seg_task(args), args, context, module="train.brixia")
         elif args.stage == "stn":
             run_kfold(stn_task(args), args, context, module="train.brixia")
+        elif args.stage == "orient":
+            run_kfold(orient_task(args), args, context, module="train.brixia")
         else:
             run_score(args, context)
     except BaseException:

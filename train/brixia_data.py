@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks import brixia
+from tasks import brixia, brixia_orient
 from tasks.frames import fit_masks_to_model, fit_to_model
 from tasks.imaging import ImageReadError, read_image
 from train.brixia_sources import UNLABELLED, SegCase, case_targets
@@ -220,6 +220,32 @@ class StnSamples(_Samples):
             if theta is None:
                 theta = brixia.identity_theta()
         return brixia.stn_input(posed, self.stn_size), torch.from_numpy(theta), index
+
+
+class OrientSamples(_Samples):
+    """-> (the frame in a pose, at the classifier's side (1, s, s), the pose index, index).
+
+    Training draws a random pose per sample and a small rotation/scale and intensity jitter;
+    validation shows film ``k`` in pose ``k mod 8``, so every pose is measured."""
+
+    def __init__(self, *args, orient_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.orient_size = orient_size
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        frame = self.sample(index)
+        if self.train:
+            draws = _draws(self.generator, 6)
+            pose = min(int(draws[0] * len(brixia_orient.POSES)), len(brixia_orient.POSES) - 1)
+            frame = random_affine([frame], draws[1:4], rotation=10, scale=(0.9, 1.1), shift=0.05)[0]
+            if draws[4] < 0.7:
+                frame = jitter_intensity(frame, _draws(self.generator, 2))
+        else:
+            pose = index % len(brixia_orient.POSES)
+        posed = brixia_orient.apply_pose(frame, pose)
+        return brixia_orient.orient_input(brixia.to_tensor(posed, self.input_spec), self.orient_size), \
+            torch.tensor(pose, dtype=torch.long), index
 
 
 class ScoreSamples(_Samples):

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from tasks import brixia
+from tasks import brixia, brixia_orient
 from tasks.frames import dice_per_class
 from train.metrics import _pyplot
 
@@ -100,6 +100,37 @@ def stn_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     placed_p = corners @ predicted.float().transpose(1, 2)
     placed_t = corners @ target.float().transpose(1, 2)
     return torch.nn.functional.mse_loss(placed_p, placed_t) + torch.nn.functional.mse_loss(predicted.float(), target.float())
+
+
+# ---------------------------------------------------------------- orientation
+
+def orient_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
+    probabilities = torch.softmax(outputs.float(), dim=-1).numpy()
+    return [{"index": int(index), "true_pose": int(true), "pred_pose": int(probs.argmax()),
+             "p_upright": float(probs[brixia_orient.UPRIGHT]),
+             "refused": brixia_orient.pose_problem(probs) is not None}
+            for index, probs, true in zip(indices.tolist(), probabilities, targets.tolist())]
+
+
+def orient_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pose accuracy; how often an upright film passes and a turned or mirrored one is refused (the rule
+    the daemon applies); mirrored-or-not accuracy; accuracy per pose."""
+    if not records:
+        return {"n": 0, "accuracy": float("nan")}
+    upright = [r for r in records if r["true_pose"] == brixia_orient.UPRIGHT]
+    turned = [r for r in records if r["true_pose"] != brixia_orient.UPRIGHT]
+    mirrored = [r for r in records if r["true_pose"] == 1]
+    return {
+        "n": len(records),
+        "accuracy": float(np.mean([r["pred_pose"] == r["true_pose"] for r in records])),
+        "upright_passed": float(np.mean([not r["refused"] for r in upright])) if upright else None,
+        "turned_refused": float(np.mean([r["refused"] for r in turned])) if turned else None,
+        "mirrored_refused": float(np.mean([r["refused"] for r in mirrored])) if mirrored else None,
+        "mirror_accuracy": float(np.mean([(r["pred_pose"] % 2) == (r["true_pose"] % 2) for r in records])),
+        "per_pose": {name: float(np.mean([r["pred_pose"] == pose for r in records if r["true_pose"] == pose]))
+                     for pose, name in enumerate(brixia_orient.POSES)
+                     if any(r["true_pose"] == pose for r in records)},
+    }
 
 
 # ---------------------------------------------------------------- scores

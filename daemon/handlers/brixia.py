@@ -31,7 +31,7 @@ from daemon import explain
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
-from tasks import brixia
+from tasks import brixia, brixia_orient
 from tasks.brixia_film import film_problem
 from tasks.cards import CardError
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
@@ -39,7 +39,7 @@ from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 ALIGNMENTS = ("auto", "masks", "none")
 STRUCTURE_COLOURS = {"right_lung": (40, 140, 255), "left_lung": (60, 220, 90), "heart": (255, 60, 60)}
 SCORE_COLOURS = [(120, 200, 120), (255, 220, 0), (255, 140, 0), (230, 30, 30)]   # 0..3
-MODELS = ("seg", "stn", "score")
+MODELS = ("seg", "stn", "orient", "score")
 REGION_NAMES = {"A": "upper right", "B": "middle right", "C": "lower right",
                 "D": "upper left", "E": "middle left", "F": "lower left"}
 
@@ -78,7 +78,8 @@ class BrixiaHandler(TaskHandler):
 
     @classmethod
     def build_networks(cls, card, entries, state_dicts, device):
-        builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "score": brixia.build_scorer}
+        builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
+                    "score": brixia.build_scorer}
         fold_models = []
         for entry, state in zip(entries, state_dicts):
             model = entry.get("model")
@@ -135,6 +136,8 @@ class BrixiaHandler(TaskHandler):
         inputs = torch.stack([item.tensor for item in batch]).to(device)
         with torch.inference_mode(), self.autocast():
             probabilities = brixia.segment(self.of("seg"), inputs).cpu().numpy()
+            poses = brixia_orient.pose_probabilities(self.of("orient"), inputs).cpu().numpy() \
+                if check_film and self.of("orient") else None
         masks = [brixia.clean_masks(p) for p in probabilities]
         aligned = [None] * len(batch)
         for method in {item.alignment for item in batch}:
@@ -143,9 +146,11 @@ class BrixiaHandler(TaskHandler):
                 aligned[k] = result
         results: list[Inferred | ServiceError | None] = [None] * len(batch)
         samples, keep = [], []
-        limits = (self.card.get("output") or {}).get("film_limits")
+        output = self.card.get("output") or {}
         for k, item in enumerate(batch):
-            problem = film_problem(masks[k], limits) if check_film else None
+            problem = None if poses is None else brixia_orient.pose_problem(poses[k], output.get("orient_threshold", 0.5))
+            if problem is None and check_film:
+                problem = film_problem(masks[k], output.get("film_limits"))
             if problem is not None:
                 # A score of a film that is not frontal, or mirrored, would be a number without meaning.
                 results[k] = ServiceError(UNREADABLE_IMAGE, problem)
