@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fp16: float16 autocast (AMP) for forward passes and explanations on CUDA (pays "
                              "off for large networks; measured slower for the small demo ones); fp32: float32 "
                              "everywhere. CPU is always float32 (default: fp32)")
+    parser.add_argument("--no-kind-check", action="store_true",
+                        help="do not check that images are of the kind their task takes (the image-kind gate of "
+                             "WEIGHTS/kind); a request can also skip it with \"check_kind\": false")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="stderr log level (default: INFO)")
     args = parser.parse_args(argv)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
-                        precision=args.precision)
+                        precision=args.precision, check_kind=not args.no_kind_check)
     server = Server(settings, args.default_task, protocol_out, max_batch=args.max_batch, workers=args.workers)
     server.install_signal_handlers()
     server.registry = load_registry(args.weights, settings, args.tasks,

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
+from daemon.errors import (FILE_NOT_FOUND, IMAGE_TOO_LARGE, INVALID_REQUEST, PATH_NOT_ALLOWED, UNREADABLE_IMAGE,
+                           ServiceError)
 from daemon.outputs import is_within, prepare_destination
 from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
@@ -52,6 +53,7 @@ class Settings:
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     fold: int | None = None
     precision: str = "fp32"  # one of PRECISIONS
+    check_kind: bool = True  # --no-kind-check turns the image-kind gate off for every request
 
 
 @dataclass
@@ -71,6 +73,8 @@ class TaskHandler:
     fields: ClassVar[frozenset[str]] = frozenset()
     # Reply fields that come right after ``result`` (the osteo seed's order), before ``task``.
     leading_fields: ClassVar[tuple[str, ...]] = ()
+    # The image-kind gate (daemon.kind_gate.KindGate) the registry hands every handler; None: no gate.
+    kind_gate: Any = None
 
     def __init__(self, card: dict[str, Any], networks: list[torch.nn.Module], settings: Settings,
                  source: str) -> None:
@@ -132,9 +136,17 @@ class TaskHandler:
 
     # --- the four steps -------------------------------------------------------------------
     def validate(self, request: dict[str, Any]) -> Job:
-        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong."""
-        reject_unknown_fields(request, self.fields | {"task", "id"})
-        return Job(task=self.task, request=request)
+        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong.
+        A task that reads images also takes ``check_kind`` (default true: the image-kind gate runs)."""
+        reads_images = "img_path" in self.fields
+        reject_unknown_fields(request, self.fields | {"task", "id"} | ({"check_kind"} if reads_images else set()))
+        job = Job(task=self.task, request=request)
+        if reads_images:
+            check = request.get("check_kind", True)
+            if not isinstance(check, bool):
+                raise ServiceError(INVALID_REQUEST, f"'check_kind' must be true or false (got {check!r})")
+            job.options["check_kind"] = check
+        return job
 
     def preprocess(self, job: Job) -> Any:
         raise NotImplementedError
@@ -155,8 +167,22 @@ class TaskHandler:
         job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
         return job
 
+    def read_request_image(self, job: Job, color: str = "gray") -> np.ndarray:
+        """The request's ``img_path`` decoded once, checked by the image-kind gate (unless the daemon or
+        the request turned it off), and returned as ``color``; ServiceError(wrong_image_kind) when the
+        image is confidently not of this task's kind."""
+        image = self.decode_input(job.options["img_path"])
+        if self.kind_gate is not None and self.settings.check_kind and job.options.get("check_kind", True):
+            self.kind_gate.check(self.task, image)
+        return image.as_color(color)
+
     def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
         """Read an input image through the one reader, with the daemon's size cap and error codes."""
+        return self.decode_input(img_path).as_color(color)
+
+    def decode_input(self, img_path: str) -> imaging.DecodedImage:
+        """Decode an input image (pixels in their own colour, DICOM kind attributes) through the one
+        reader, with the daemon's size cap and error codes."""
         path = os.path.abspath(img_path)
         root = self.settings.input_root
         if root is not None and not is_within(Path(os.path.realpath(path)), root):
@@ -170,7 +196,7 @@ class TaskHandler:
         if stat.S_ISDIR(mode):
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is a folder, not an image file")
         try:
-            image = imaging.read_image(path, color=color, max_pixels=self.settings.max_pixels)
+            image = imaging.decode_image(path, max_pixels=self.settings.max_pixels)
         except imaging.ImageTooLarge as exc:
             raise ServiceError(IMAGE_TOO_LARGE, str(exc)) from None
         except imaging.ImageReadError as exc:
@@ -179,8 +205,9 @@ class TaskHandler:
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} does not exist") from None
         except PermissionError:
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is not readable (permission denied)") from None
-        if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-            raise ServiceError(UNREADABLE_IMAGE, f"image is {image.shape[1]}x{image.shape[0]} pixels; "
+        height, width = image.pixels.shape[:2]
+        if min(height, width) < MIN_IMAGE_SIDE:
+            raise ServiceError(UNREADABLE_IMAGE, f"image is {width}x{height} pixels; "
                                                  f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
         return image
 
