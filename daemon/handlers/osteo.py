@@ -17,7 +17,7 @@ from daemon import explain
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_png
-from tasks import osteo
+from tasks import osteo, quality, uncertainty
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Prepared:
     tensor: torch.Tensor  # (3, H, W) normalised network input
     shown: np.ndarray     # background-subtracted gray at model size, what overlays are drawn on
     method: str
+    measures: dict[str, float] | None = None  # tasks.osteo.quality_measures of the input
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Inferred:
     probabilities: np.ndarray  # (num_classes,)
     predicted: int
     heat: np.ndarray           # (H, W) in [0, 1]
+    fold_probabilities: np.ndarray | None = None  # (folds, num_classes)
 
 
 class OsteoHandler(TaskHandler):
@@ -61,17 +63,18 @@ class OsteoHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray")
+        gray = self.read_request_image(job, color="gray")
         tensor, shown = osteo.preprocess(gray, self.card["input"])
-        return Prepared(tensor=tensor, shown=shown, method=job.options["explain"])
+        return Prepared(tensor=tensor, shown=shown, method=job.options["explain"], measures=osteo.quality_measures(gray))
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
         with torch.inference_mode(), self.autocast():
             logits = [net(inputs) for net in self.networks]
-        probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in logits]).mean(0)
-        probabilities = probabilities.cpu().numpy()
+        fold_probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in logits])
+        probabilities = fold_probabilities.mean(0).cpu().numpy()
+        fold_probabilities = fold_probabilities.cpu().numpy()
         predicted = probabilities.argmax(axis=1)
         heat = np.zeros((len(batch), inputs.shape[2], inputs.shape[3]), dtype=np.float32)
         for method in {item.method for item in batch}:
@@ -82,7 +85,7 @@ class OsteoHandler(TaskHandler):
                     heat[rows] = explain.grad_cam(self.networks, osteo.explain_target_layer, subset, classes)
                 else:
                     heat[rows] = explain.input_saliency(self.networks, subset, classes)
-        return [Inferred(probabilities[i], int(predicted[i]), heat[i]) for i in range(len(batch))]
+        return [Inferred(probabilities[i], int(predicted[i]), heat[i], fold_probabilities[:, i]) for i in range(len(batch))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         labels = self.card["labels"]
@@ -102,4 +105,6 @@ class OsteoHandler(TaskHandler):
             "label": label,
             "probability": round(float(inferred.probabilities[1]), 6),
             "explain": prepared.method,
+            "uncertainty": uncertainty.classification_uncertainty(inferred.fold_probabilities, labels),
+            "quality": quality.assess(prepared.measures, self.card.get("quality")),
         }
