@@ -66,6 +66,7 @@ from train.handbone_data import HandboneSamples, find_cases, model_sample
 from train.reporting import data_source
 from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
 from train.handbone_tune import add_tune_arguments
+from train.quality import describe, handbone_frame_samples, handbone_record
 
 AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
                 "and contrast 0.8-1.2 p=0.5; elastic p=0.3 when --elastic")
@@ -182,6 +183,8 @@ def build_task(args: argparse.Namespace) -> TrainTask:
             "output": {"activation": "sigmoid", "multilabel": True, "threshold": handbone.DEFAULT_THRESHOLD},
             "data": {"root": str(args.data), "n_images": len(cases), "n_patients": len(patients),
                      "source": data_source(Path(args.data), f"DCM/ + outputs_json/ under {args.data}")},
+            "quality": handbone_record(handbone_frame_samples(cases, input_spec, classes, sample), classes,
+                                       describe(Path(args.data), len(cases), "masks")),
             "training": {"optimizer": f"AdamW(weight_decay={args.weight_decay:g})", "scheduler": args.scheduler,
                          "loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
                          "selection": "best validation Dice at original resolution (mean over images, then classes)",

@@ -61,6 +61,7 @@ from train.metrics import classification_records
 from train.reporting import data_source
 from train.scar_data import PhotoStore, ScarData, ScarFold, fold_scaler, load_data
 from train.scar_results import scar_metrics, scar_plots
+from train.quality import describe, scar_record
 
 DEFAULTS = {"image": {"epochs": 100}, "clinical": {"epochs": 50}, "combined": {"epochs": 100}}
 
@@ -163,6 +164,9 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
             "data": {"root": str(args.data), "n_items": len(data.items), "source": data_source(args.data if Path(args.data).is_dir() else Path(args.data).parent, data.source),
                      "class_counts": {label: int(c) for label, c in zip(scar.LABELS, counts)},
                      "grouped_by_patient": data.groups is not None},
+            "quality": scar_record(data.image_paths if photos is not None else None,
+                                   data.features if mode != "image" else None, data.feature_names,
+                                   describe(Path(args.data), len(data.items), "rows")),
             "training": {"model": mode, "optimizer": f"SGD(momentum={args.momentum}, weight_decay={args.weight_decay})",
                          "scheduler": f"StepLR(step={args.lr_step} epochs, gamma={args.lr_gamma})",
                          "loss": "CrossEntropyLoss", "selection": f"best validation {args.select} (ties: lower val loss)",
