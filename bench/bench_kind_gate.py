@@ -1,0 +1,101 @@
+"""What the image-kind gate adds to a request on the CPU, run by hand.
+
+    python bench/bench_kind_gate.py --weights weights/ [--runs 30]
+
+1. The gate alone (``KindGate.verdict``: shrink, letterbox, every fold network, the decision) on
+   decoded images of the sizes the tasks meet: a full-size panoramic, a 2048x2048 hand film, a
+   chest film, a phone photo.
+2. Through the real daemon: the same request with ``"check_kind": true`` and ``false``, one at a
+   time, median ``elapsed_ms`` of each and their difference.
+Results go to the "Image-kind gate" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from bench.results import write_section  # noqa: E402
+
+SIZES = {"panoramic 1348x2863 gray": (1348, 2863, False), "hand 2048x2048 gray": (2048, 2048, False),
+         "chest 512x512 gray": (512, 512, False), "photo 3024x4032 RGB": (3024, 4032, True)}
+
+
+def gate_alone(weights: Path, runs: int) -> dict[str, float]:
+    import torch
+
+    from daemon.kind_gate import KindGate
+    from tasks.imaging import DecodedImage
+
+    gate = KindGate.load(weights / "kind")
+    rng = np.random.default_rng(0)
+    timings = {"torch threads": torch.get_num_threads(), "folds": len(gate.networks)}
+    for name, (height, width, colour) in SIZES.items():
+        shape = (height, width, 3) if colour else (height, width)
+        image = DecodedImage(rng.integers(0, 256, size=shape, dtype=np.uint8))
+        gate.verdict("osteo", image)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            gate.verdict("osteo", image)
+            times.append((time.perf_counter() - start) * 1000)
+        timings[name] = round(statistics.median(times), 2)
+    return timings
+
+
+def through_daemon(weights: Path, runs: int) -> dict[str, float]:
+    """Median elapsed_ms of the example hand-bone request with and without the gate, interleaved."""
+    out = Path(tempfile.mkdtemp(prefix="bench-kind-"))
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_model.py"), str(weights), "--device", "cpu",
+                             "--tasks", "handbone"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    json.loads(proc.stdout.readline())
+    elapsed: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(2 * runs + 2):
+        check = k % 2 == 0
+        request = {"task": "handbone", "id": k, "img_path": str(REPO / "examples" / "handbone_hand.png"),
+                   "destination_path": str(out), "check_kind": check}
+        proc.stdin.write((json.dumps(request) + "\n").encode())
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())
+        assert reply["result"] == "ok", reply
+        if k >= 2:
+            elapsed[check].append(reply["elapsed_ms"])
+    proc.stdin.close()
+    proc.wait(60)
+    on, off = statistics.median(elapsed[True]), statistics.median(elapsed[False])
+    return {"with gate ms": on, "without ms": off, "difference ms": round(on - off, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, default=REPO / "weights")
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    alone = gate_alone(args.weights, args.runs)
+    daemon = through_daemon(args.weights, max(5, args.runs // 3))
+    lines = ["`python bench/bench_kind_gate.py` (median of the runs; load average "
+             f"{load:.1f} at the start). The gate alone, on decoded images, {alone.pop('folds')} fold networks, "
+             f"{alone.pop('torch threads')} torch threads:", "", "| image | gate ms |", "|---|---|"]
+    lines += [f"| {name} | {ms} |" for name, ms in alone.items()]
+    lines += ["", "Through the daemon (the example hand-bone request, one at a time, `check_kind` true and "
+                  "false interleaved): " + ", ".join(f"{k} {v}" for k, v in daemon.items()) + "."]
+    print("\n".join(lines))
+    write_section("Image-kind gate", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
