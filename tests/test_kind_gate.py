@@ -247,3 +247,18 @@ def test_each_fold_is_judged_at_a_threshold_chosen_without_it():
     figures = cross_fold_gate(records)
     assert figures["thresholds_per_fold"]["0"] == choose_thresholds([r for r in records if r["fold"] == 1])
     assert figures["thresholds_per_fold"]["1"] == choose_thresholds([r for r in records if r["fold"] == 0])
+
+
+def test_the_preprocessing_keeps_aspect_and_colour_and_marks_the_inside():
+    spec = kind.default_input_spec(112)
+    photo = np.zeros((3024, 4032, 3), np.uint8)
+    photo[..., 0] = 200  # a red phone photo, 4:3
+    small = kind.shrunk(photo, spec)
+    assert small.shape == (168, 224, 3) and np.allclose(small[..., 0], 200, atol=1)
+    x = kind.preprocess(photo, spec)
+    inside = x[3] > 0
+    assert x.shape == (4, 112, 112) and inside[:, 0].sum() == 84  # 112 * 3/4 rows hold the image
+    red = x[0][inside] * spec["std"][0] + spec["mean"][0]
+    assert np.allclose(red.numpy(), 200 / 255, atol=0.01)
+    pano = kind.preprocess(panoramic_phantom(150, 300), spec)
+    assert (pano[3] > 0)[:, 56].sum() == 56  # a 2:1 panoramic fills half the frame's height
