@@ -45,7 +45,10 @@ Demo weights (synthetic phantoms, for weights/handbone/; the card records the ti
         --folds 2 --epochs 70 --batch-size 4 --lr 5e-3 --seed 0 --half --demo
 
 On the idle 2-core machine this took 21.9 min wall (42 CPU-min) for pooled out-of-fold Dice
-0.926 and reproduced the committed weights bit for bit. With ``--epochs 45`` this reached pooled out-of-fold Dice 0.863 (still rising when the cosine
+0.926 and reproduced the committed weights bit for bit. The trainer records the quality ranges
+(bones found, pieces and areas of the training masks); the committed card got them afterwards,
+without retraining: ``python -m train.synthetic handbone /tmp/q_hb --n 48 --size 256 256 --seed 1``
+then ``python -m train.quality handbone /tmp/q_hb --card weights/handbone``. With ``--epochs 45`` this reached pooled out-of-fold Dice 0.863 (still rising when the cosine
 schedule ended; ~9 s an epoch on 2 idle CPU cores); 32 phantoms, 40 epochs and lr 3e-3 gave ~0.7.
 """
 from __future__ import annotations

@@ -33,6 +33,12 @@ are still far off and eval-mode outputs collapse to a constant (validation AUC 0
     python -m train.synthetic osteo /tmp/osteo_examples --n 2 --size 449 954 --seed 7
     cp /tmp/osteo_examples/C1/c1_0000.png examples/osteo_c1.png
     cp /tmp/osteo_examples/C3/c3_0000.png examples/osteo_c3.png
+
+The trainer records the card's quality ranges (``train/quality.py``); the committed card got
+them afterwards, from the same phantoms rebuilt, without retraining:
+
+    python -m train.synthetic osteo /tmp/q_osteo --n 60 --size 674 1431 --seed 1
+    python -m train.quality osteo /tmp/q_osteo --card weights/osteo
 """
 from __future__ import annotations
 

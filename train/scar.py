@@ -37,6 +37,12 @@ about 3 + 1 + 1 minutes when the machine is otherwise idle, much longer when it 
         --lr 0.05 --momentum 0.9 --lr-step 40 --half --demo
     python -m train.scar combined /tmp/scar_phantoms --out weights/scar --init-from-branches --folds 2 \\
         --epochs 10 --batch-size 8 --lr 0.02 --momentum 0.9 --lr-step 8 --augment --half --demo
+
+Each run records its quality ranges in the card (photo colour, clinical values); the committed
+card got them afterwards, from the same phantoms rebuilt, without retraining:
+
+    python -m train.synthetic scar /tmp/q_scar --n 360 --seed 1
+    python -m train.quality scar /tmp/q_scar --card weights/scar
 """
 from __future__ import annotations
 
