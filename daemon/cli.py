@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dicom", action="store_true",
                         help="also write DICOM objects (SEG, SR, Secondary Capture) for every task request that "
                              "does not say \"dicom\": false; listed in the reply's dicom_paths")
+    parser.add_argument("--no-kind-check", action="store_true",
+                        help="do not check that images are of the kind their task takes (the image-kind gate of "
+                             "WEIGHTS/kind); a request can also skip it with \"check_kind\": false")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="stderr log level (default: INFO)")
     args = parser.parse_args(argv)
@@ -136,7 +139,8 @@ def make_server(args: argparse.Namespace, out: BinaryIO | None = None) -> Server
     settings = Settings(device=pick_device(default_device), output_root=args.output_root,
                         input_root=args.input_root, explain=args.explain,
                         max_pixels=args.max_pixels or imaging.DEFAULT_MAX_PIXELS, fold=args.fold,
-                        precision=args.precision, dicom=args.dicom)
+                        precision=args.precision, dicom=args.dicom,
+                        check_kind=not args.no_kind_check)
     return Server(settings, args.default_task, out, max_batch=args.max_batch, workers=args.workers,
                   max_queue_bytes=int(args.max_queue_mb * (1 << 20)))
 

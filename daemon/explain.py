@@ -109,10 +109,10 @@ class _EnsembleSoFar:
 
 def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tensor, method: str,
                          target_layer_of: Callable[[torch.nn.Module], torch.nn.Module]
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities (mean softmax over the networks), predicted classes and explanation maps of
-    the predicted classes, with one forward pass per network instead of one for the prediction
-    and one more for the map.
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (mean softmax over the networks), predicted classes, explanation maps of
+    the predicted classes and each network's probabilities ``(networks, batch, classes)``, with one
+    forward pass per network instead of one for the prediction and one more for the map.
 
     Each network's map is taken for the class the networks so far predict; where the whole
     ensemble ends up predicting another class (folds that disagree), that network's map is made
@@ -139,7 +139,8 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
         logits.append(out)
         maps.append(fold_maps)
         chosen.append(classes)
-    mean = torch.stack([torch.softmax(out.float(), dim=1) for out in logits]).mean(0).cpu().numpy()
+    stacked = torch.stack([torch.softmax(out.float(), dim=1) for out in logits])
+    mean, per_network = stacked.mean(0).cpu().numpy(), stacked.cpu().numpy()
     predicted = mean.argmax(axis=1)
     for network, fold_maps, classes in zip(networks, maps, chosen):
         redo = np.flatnonzero(classes != predicted)
@@ -156,11 +157,11 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
         total = np.zeros(maps[0].shape, dtype=np.float32)
         for fold_maps in maps:
             total += fold_maps
-        return mean, predicted, _normalise(total / len(networks))
+        return mean, predicted, _normalise(total / len(networks)), per_network
     total_t = torch.zeros(maps[0].shape, device=batch.device)
     for fold_maps in maps:
         total_t += torch.from_numpy(fold_maps).to(batch.device)
-    return mean, predicted, _normalise((total_t / len(networks)).cpu().numpy())
+    return mean, predicted, _normalise((total_t / len(networks)).cpu().numpy()), per_network
 
 
 @lru_cache(maxsize=1)

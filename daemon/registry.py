@@ -1,7 +1,9 @@
 """Find the model cards under WEIGHTS, verify and load every model once, and pick the device.
 
 A task whose card is missing, malformed, tampered with (sha256 mismatch) or fails to build is
-recorded as unavailable with the reason; the other tasks still serve. A single seed ``.pth``
+recorded as unavailable with the reason; the other tasks still serve. A ``kind`` card is not a
+task: it becomes the image-kind gate every handler checks its images with; without one (or
+with ``--no-kind-check``) the tasks serve ungated and the ready line says why. A single seed ``.pth``
 file instead of a folder is imported on the fly as an osteo model, as the seed's run_model.py
 read it.
 """
@@ -16,8 +18,9 @@ import torch
 
 from daemon.handlers import HANDLERS, handler_class
 from daemon.handlers.base import Settings, TaskHandler
+from daemon.kind_gate import KindGate
 from daemon.protocol import TASKS
-from tasks import cards, osteo
+from tasks import cards, kind, osteo
 from tasks.weights import load_state_dict
 
 log = logging.getLogger("daemon.registry")
@@ -28,6 +31,14 @@ class Registry:
     """What the daemon serves: a handler per available task, a reason per unavailable one."""
     handlers: dict[str, TaskHandler] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+    kind_gate: KindGate | None = None
+    kind_gate_off: str = "no kind card loaded"  # why there is no gate, when there is none
+
+    def gate_status(self) -> dict[str, Any]:
+        """Whether the image-kind gate is on, with what card and thresholds (the ready line and ``op: health``)."""
+        if self.kind_gate is None:
+            return {"on": False, "reason": self.kind_gate_off}
+        return self.kind_gate.status()
 
     def status(self) -> dict[str, Any]:
         """Per task: available or the reason it is not (the ready line and ``op: health``)."""
@@ -45,6 +56,8 @@ class Registry:
             summary["source"] = handler.source
             summary["folds_used"] = len(handler.networks)
             listing.append(summary)
+        if self.kind_gate is not None:
+            listing.append(self.kind_gate.summary())
         return listing
 
 
@@ -136,6 +149,9 @@ def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = N
     folders = sorted({path.parent for path in weights.glob(f"*/{cards.CARD_FILE}")})
     if (weights / cards.CARD_FILE).is_file():
         folders.insert(0, weights)
+    kind_folders = [folder for folder in folders if _card_task(folder, known=(kind.TASK,)) == kind.TASK]
+    folders = [folder for folder in folders if folder not in kind_folders]
+    _load_kind_gate(registry, kind_folders, weights, settings)
     for folder in folders:
         task_hint = folder.name if folder != weights else "?"
         claimed = _card_task(folder)
@@ -160,14 +176,36 @@ def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = N
     for task in (wanted if wanted is not None else ()):
         if task not in registry.handlers and task not in registry.unavailable:
             registry.unavailable[task] = f"no card for {task!r} under {weights}"
+    for handler in registry.handlers.values():
+        handler.kind_gate = registry.kind_gate
     return registry
 
 
-def _card_task(folder: Path) -> str | None:
-    """The task a (possibly broken) card claims, for reporting which task is unavailable."""
+def _load_kind_gate(registry: Registry, folders: list[Path], weights: Path, settings: Settings) -> None:
+    """The image-kind gate from the (first) kind card, unless ``--no-kind-check``; a broken kind card
+    leaves the tasks ungated, saying why, and never takes a task down."""
+    if not settings.check_kind:
+        registry.kind_gate_off = "turned off with --no-kind-check"
+        return
+    if not folders:
+        registry.kind_gate_off = f"no kind card under {weights} (e.g. weights/kind/card.json): images are not checked"
+        log.warning("no image-kind card under %s: requests are served without the kind gate", weights)
+        return
+    try:
+        registry.kind_gate = KindGate.load(folders[0])
+    except Exception as exc:
+        log.error("image-kind gate unavailable: %s", exc)
+        registry.kind_gate_off = f"{folders[0]}: {exc}"
+        return
+    log.info("image-kind gate on (%s, %d fold(s), refuse at %.3f) from %s", registry.kind_gate.card["name"],
+             len(registry.kind_gate.networks), registry.kind_gate.refuse_at, folders[0])
+
+
+def _card_task(folder: Path, known: tuple[str, ...] = TASKS) -> str | None:
+    """The task a (possibly broken) card claims, when it is one of ``known``, for reporting which task is unavailable."""
     try:
         import json
         value = json.loads((folder / cards.CARD_FILE).read_text(encoding="utf-8")).get("task")
-        return value if value in TASKS else None
+        return value if value in known else None
     except Exception:
         return None

@@ -216,7 +216,8 @@ class Server:
     def ready_line(self) -> dict[str, Any]:
         return {"event": "ready", "message": "Loaded pretrained weights", "version": __version__,
                 "device": str(self.settings.device), "precision": self.settings.precision, "amp": self.amp_tasks(),
-                "default_task": self.default_task, "tasks": self.registry.status(), "pid": os.getpid()}
+                "default_task": self.default_task, "tasks": self.registry.status(),
+                "kind_gate": self.registry.gate_status(), "pid": os.getpid()}
 
     def amp_tasks(self) -> list[str]:
         """Tasks whose forward passes run under float16 autocast (CUDA with ``--precision fp16``)."""
@@ -390,7 +391,8 @@ class Server:
         if "id" in request:
             reply["id"] = request["id"]
         if op == "health":
-            reply.update(tasks=self.registry.status(), uptime_s=round(time.time() - self.started, 1),
+            reply.update(tasks=self.registry.status(), kind_gate=self.registry.gate_status(),
+                         uptime_s=round(time.time() - self.started, 1),
                          replies=self.answered, device=str(self.settings.device), version=__version__,
                          queue=self.budget.status())
         elif op == "models":

@@ -207,18 +207,61 @@ def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tens
     return to_tensor(frame, input_spec), geometry
 
 
-@torch.inference_mode()
-def ensemble_probabilities(networks: Sequence[torch.nn.Module], inputs: torch.Tensor,
-                           flip: bool | Sequence[bool] = False) -> torch.Tensor:
-    """Mean sigmoid probability ``(B, C, S, S)`` over ``networks``, and over a horizontal flip for the
-    batch rows where ``flip`` is true (test-time augmentation; the flipped output is flipped back)."""
+def fold_probabilities(networks: Sequence[torch.nn.Module], inputs: torch.Tensor,
+                       flip: bool | Sequence[bool] = False) -> Iterable[torch.Tensor]:
+    """Each network's sigmoid probability ``(B, C, S, S)`` in turn, averaged with a horizontally flipped
+    pass for the batch rows where ``flip`` is true (test-time augmentation; flipped back)."""
     rows = [bool(flip)] * len(inputs) if isinstance(flip, bool) else [bool(f) for f in flip]
-    total = None
     for network in networks:
         probabilities = torch.sigmoid(network(inputs).float())
         if any(rows):
             chosen = torch.tensor(rows, device=inputs.device)
             flipped = torch.sigmoid(network(inputs[chosen].flip(-1)).float()).flip(-1)
             probabilities[chosen] = (probabilities[chosen] + flipped) / 2
+        yield probabilities
+
+
+@torch.inference_mode()
+def ensemble_probabilities(networks: Sequence[torch.nn.Module], inputs: torch.Tensor,
+                           flip: bool | Sequence[bool] = False) -> torch.Tensor:
+    """Mean sigmoid probability ``(B, C, S, S)`` over ``networks`` (``fold_probabilities``, optional flip TTA)."""
+    total = None
+    for probabilities in fold_probabilities(networks, inputs, flip):
         total = probabilities if total is None else total + probabilities
     return total / len(networks)
+
+
+# ---------------------------------------------------------------- quality measures
+
+def quality_measures(masks: np.ndarray, geometry: Geometry, classes: Sequence[str],
+                     min_piece_fraction: float) -> dict[str, float]:
+    """What the hand-bone quality check (``tasks.quality``) measures of ``(C, S, S)`` bool masks in the
+    model frame: how many bones were found, and per bone the pieces its mask falls into (8-connected,
+    ignoring specks under ``min_piece_fraction`` of the image) and its area as a fraction of the image
+    (the letterbox's inside, so any input size compares with training)."""
+    inner = masks[:, geometry.top:geometry.top + geometry.inner_height,
+                  geometry.left:geometry.left + geometry.inner_width]
+    image_area = float(geometry.inner_height * geometry.inner_width)
+    smallest = min_piece_fraction * image_area
+    measures: dict[str, float] = {}
+    found = 0
+    for name, mask in zip(classes, inner):
+        area = int(np.count_nonzero(mask))
+        pieces = 0
+        if area:
+            count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+            pieces = int(np.count_nonzero(stats[1:count, cv2.CC_STAT_AREA] >= smallest))
+        found += pieces > 0
+        measures[f"pieces.{name}"] = float(pieces)
+        measures[f"area.{name}"] = area / image_area
+    measures["bones_found"] = float(found)
+    return measures
+
+
+def quality_labels(classes: Sequence[str]) -> dict[str, str]:
+    """How a quality reason names each measure."""
+    labels = {"bones_found": "bones found"}
+    for name in classes:
+        labels[f"pieces.{name}"] = f"{name}: pieces"
+        labels[f"area.{name}"] = f"{name}: area (fraction of the image)"
+    return labels

@@ -1,10 +1,15 @@
 """The one image reader for the daemon and the trainers: PNG/JPEG/TIFF (Pillow) and DICOM (pydicom),
-detected by content, size-capped from the header, always returned as C-contiguous uint8 gray or RGB."""
+detected by content, size-capped from the header, always returned as C-contiguous uint8 gray or RGB.
+
+``decode_image`` also hands back the image in its own colour (gray stays gray, a photo stays RGB)
+and the DICOM attributes that say what the image is (``KIND_ATTRIBUTES``), from the same decode,
+so the image-kind gate needs no second read."""
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -31,6 +36,8 @@ _PLUGIN_PACKAGES = {
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _DICOM_FIRST_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that transpose height and width
+# What a DICOM header says about the kind of image: the equipment, the body part, the projection.
+KIND_ATTRIBUTES = ("Modality", "BodyPartExamined", "ViewPosition")
 
 
 class ImageReadError(Exception):
@@ -67,24 +74,42 @@ def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
             return h, w
 
 
+@dataclass
+class DecodedImage:
+    """An image as stored: uint8 (H, W) gray or (H, W, 3) RGB, and the DICOM ``KIND_ATTRIBUTES`` it
+    carries (upper-case strings; empty for other formats and for attributes a file lacks)."""
+    pixels: np.ndarray
+    attributes: dict[str, str] = field(default_factory=dict)
+    header: pydicom.Dataset | None = None  # a DICOM file's data set without Pixel Data
+
+    def as_color(self, color: str) -> np.ndarray:
+        """The pixels as uint8 (H, W) for color="gray" or (H, W, 3) for color="rgb"."""
+        return as_color(self.pixels, color)
+
+
+def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode `path` once: its pixels in their own colour and its DICOM kind attributes."""
+    with _open_regular(path) as f:
+        if _is_dicom(f):
+            pixels, header = _read_dicom(f, max_pixels)
+            return DecodedImage(pixels, kind_attributes(header), header)
+        return DecodedImage(_read_pil(f, max_pixels))
+
+
 def read_image(path: str | os.PathLike, *, color: str = "gray",
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode `path` to uint8 (H, W) for color="gray" or (H, W, 3) for color="rgb"."""
-    return read_image_and_header(path, color=color, max_pixels=max_pixels)[0]
+    _check_color(color)
+    return decode_image(path, max_pixels=max_pixels).as_color(color)
 
 
 def read_image_and_header(path: str | os.PathLike, *, color: str = "gray",
                           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, pydicom.Dataset | None]:
     """``read_image`` plus, for a DICOM file, its data set without Pixel Data (from the same read,
     so results written as DICOM can reference exactly the instance that was decoded); None otherwise."""
-    if color not in ("gray", "rgb"):
-        raise ValueError(f"color must be 'gray' or 'rgb', not {color!r}")
-    with _open_regular(path) as f:
-        if _is_dicom(f):
-            arr, header = _read_dicom(f, max_pixels)
-        else:
-            arr, header = _read_pil(f, max_pixels), None
-    return _to_color(arr, color), header
+    _check_color(color)
+    image = decode_image(path, max_pixels=max_pixels)
+    return image.as_color(color), image.header
 
 
 # ---------------------------------------------------------------- file access and detection
@@ -220,7 +245,24 @@ def _set_transfer_syntax(ds: pydicom.Dataset) -> UID:
     return ts
 
 
+def kind_attributes(ds: pydicom.Dataset) -> dict[str, str]:
+    """The data set's ``KIND_ATTRIBUTES`` that hold a value, stripped and upper-cased."""
+    found = {}
+    for name in KIND_ATTRIBUTES:
+        try:
+            value = ds.get(name)
+        except Exception:  # a malformed element must not make the image unreadable
+            continue
+        if isinstance(value, (list, tuple, MultiValue)):
+            value = value[0] if len(value) else None
+        text = str(value).strip().upper() if value is not None else ""
+        if text:
+            found[name] = text
+    return found
+
+
 def _read_dicom(f: BinaryIO, max_pixels: int) -> tuple[np.ndarray, pydicom.Dataset]:
+    """The first frame as uint8 and the data set without its Pixel Data."""
     _check_cap(*_dicom_size(_dicom_header(f)), max_pixels)
     try:
         ds = pydicom.dcmread(f, force=True)
@@ -297,7 +339,14 @@ def _first_float(value: object) -> float | None:
 
 # ---------------------------------------------------------------- colour
 
-def _to_color(arr: np.ndarray, color: str) -> np.ndarray:
+def _check_color(color: str) -> None:
+    if color not in ("gray", "rgb"):
+        raise ValueError(f"color must be 'gray' or 'rgb', not {color!r}")
+
+
+def as_color(arr: np.ndarray, color: str) -> np.ndarray:
+    """uint8 gray or RGB pixels -> (H, W) for color="gray" (Pillow's luma) or (H, W, 3) for color="rgb"."""
+    _check_color(color)
     if color == "gray" and arr.ndim == 3:
         arr = _luma(arr)
     elif color == "rgb" and arr.ndim == 2:

@@ -162,3 +162,20 @@ def seed_state_dict(checkpoint: Any, num_classes: int = 2) -> tuple[dict[str, to
         notes["head"] = (f"kept logits 0..{num_classes - 1} of the seed's {notes['original_head_outputs']}-way "
                          "head (only those were trained)")
     return state, notes
+
+
+def quality_measures(gray: np.ndarray) -> dict[str, float]:
+    """What the osteo quality check (``tasks.quality``) measures of an input as read (8-bit gray, any
+    size): its aspect ratio (width / height; a panoramic is about 2:1), mean brightness and contrast
+    (0-1), and left-right symmetry (the correlation of the image with its mirror: a panoramic shows
+    both halves of the jaw)."""
+    import cv2
+
+    height, width = gray.shape[:2]
+    thumb = cv2.resize(np.ascontiguousarray(gray), (128, 64), interpolation=cv2.INTER_AREA).astype(np.float64) / 255
+    mirrored = thumb[:, ::-1]
+    centred, centred_mirror = thumb - thumb.mean(), mirrored - mirrored.mean()
+    denominator = float(np.sqrt((centred ** 2).sum() * (centred_mirror ** 2).sum()))
+    symmetry = float((centred * centred_mirror).sum() / denominator) if denominator > 0 else 0.0
+    return {"aspect": width / height, "mean": float(thumb.mean()), "contrast": float(thumb.std()),
+            "symmetry": symmetry}

@@ -164,3 +164,26 @@ def standardise(matrix: np.ndarray, scaler: Mapping[str, Sequence[float]]) -> np
     if matrix.shape[-1] != mean.shape[0]:
         raise ValueError(f"{matrix.shape[-1]} features given, the scaler expects {mean.shape[0]}")
     return ((matrix - mean) / scale).astype(np.float32)
+
+
+def quality_measures(rgb: np.ndarray) -> dict[str, float]:
+    """What the scar quality check (``tasks.quality``) measures of a photo as read (uint8 RGB): mean
+    saturation (HSV, 0-1) and Hasler and Suesstrunk's colourfulness (0-1 scale). A radiograph or a
+    gray scan has none of either."""
+    import cv2
+
+    thumb = cv2.resize(np.ascontiguousarray(rgb), (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64) / 255
+    high, low = thumb.max(axis=2), thumb.min(axis=2)
+    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)
+    red, green, blue = thumb[..., 0], thumb[..., 1], thumb[..., 2]
+    rg, yb = red - green, 0.5 * (red + green) - blue
+    colourfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    return {"saturation": float(saturation.mean()), "colourfulness": float(colourfulness)}
+
+
+def clinical_quality_measures(values: np.ndarray | None, names: Sequence[str]) -> dict[str, float]:
+    """The clinical features as quality measures (``clinical.<name>``), so a value outside the training
+    table's range is reported; none without clinical values."""
+    if values is None:
+        return {}
+    return {f"clinical.{name}": float(value) for name, value in zip(names, values)}

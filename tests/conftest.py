@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import cards, osteo, scar  # noqa: E402
+from tasks import cards, kind, osteo, scar  # noqa: E402
 from tasks.weights import save_state_dict  # noqa: E402
 
 TINY_OSTEO_SIZE = (96, 192)
@@ -40,6 +40,30 @@ def write_tiny_osteo_card(folder: Path, *, folds: int = 1, seed: int = 0, demo: 
         "task": "osteo", "name": "osteo-tiny-test", "version": "test", "demo": demo,
         "architecture": architecture, "input": osteo.default_input_spec(size),
         "labels": osteo.LABELS_C1_C3, "folds": entries, "data": {"source": "random init for tests"},
+    })
+    return folder
+
+
+def write_fixed_kind_card(folder: Path, looks_like: str, *, refuse_at: float = 0.9, folds: int = 2) -> Path:
+    """A kind card whose networks call every image ``looks_like`` with probability ~1 (a zero last
+    layer with a large bias), so gate tests know the verdict in advance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = kind.default_architecture(widths=(4, 8))
+    entries = []
+    for k in range(folds):
+        network = kind.build_network(architecture)
+        linear = network.head[-1]
+        torch.nn.init.zeros_(linear.weight)
+        with torch.no_grad():
+            linear.bias.copy_(torch.tensor([12.0 if name == looks_like else 0.0 for name in kind.KINDS]))
+        path = folder / f"fold{k}.safetensors"
+        save_state_dict(network.state_dict(), path)
+        entries.append({"file": path.name, "sha256": cards.sha256_file(path), "fold": k})
+    cards.write_card(folder, {
+        "task": "kind", "name": f"kind-says-{looks_like}", "version": "test", "demo": True,
+        "architecture": architecture, "input": kind.default_input_spec(32), "labels": list(kind.KINDS),
+        "folds": entries, "data": {"source": "fixed verdict for tests"},
+        "gate": {"refuse_at": refuse_at, "refuse_at_with_dicom_support": 0.99},
     })
     return folder
 

@@ -58,6 +58,8 @@ def test_ready_line_says_loaded_pretrained_weights(daemon):
     assert daemon.ready["event"] == "ready"
     assert daemon.ready["message"] == "Loaded pretrained weights"
     assert daemon.ready["tasks"]["osteo"]["available"] is True
+    # a weights folder without a kind card serves without the image-kind gate, and says so
+    assert daemon.ready["kind_gate"]["on"] is False and "no kind card" in daemon.ready["kind_gate"]["reason"]
 
 
 def test_seed_style_request_gets_seed_keys_in_seed_order_and_files(daemon, inputs, tmp_path):

@@ -55,6 +55,8 @@ def test_one_pass_gives_the_two_step_result(method, biases, monkeypatch):
     for want, have in zip(expected, got):
         np.testing.assert_array_equal(have, want)
     assert got[2].shape == (2, 64, 128) and got[2].dtype == np.float32
+    assert got[3].shape == (len(biases), 2, 2)
+    np.testing.assert_allclose(got[3].mean(0), got[0], rtol=1e-6)  # the folds' own probabilities
 
 
 @pytest.mark.parametrize("values", [np.linspace(-0.2, 1.2, 4097, dtype=np.float32),

@@ -74,6 +74,11 @@ def check_reply_files(reply: dict, out: Path, stem: str, image_name: str) -> np.
     assert reply["result"] == "ok", reply
     assert reply["task"] == "handbone" and reply["id"] == "h1"
     assert reply["model"] == {"name": "handbone-tiny-test", "version": "test", "demo": True}
+    spread = reply["uncertainty"]  # two folds: each class's disagreement between their masks
+    assert spread["folds"] == 2 and set(spread["class_disagreement"]) == set(handbone.CLASSES)
+    assert 0 <= spread["mean_disagreement"] <= 1
+    assert spread["mean_disagreement"] == pytest.approx(np.mean(list(spread["class_disagreement"].values())), abs=1e-5)
+    assert reply["quality"]["ok"] is None and reply["quality"]["reasons"]  # a test card records no ranges
     kinds = {"masks_path": ("masks", ".npz"), "overlay_img_path": ("overlay", ".png"),
              "rle_csv_path": ("rle", ".csv"), "polygons_json_path": ("polygons", ".json")}
     for key, (kind, ext) in kinds.items():

@@ -54,6 +54,9 @@ def test_a_two_fold_run_writes_a_card_with_dice_per_class(trained):
     assert pooled["n"] == 6 and 0 <= pooled["dice"] <= 1
     assert pooled["dice"] == pytest.approx(np.mean(list(pooled["dice_per_class"].values())))
     assert card["training"]["command"].startswith("python -m train.handbone")
+    ranges = card["quality"]["ranges"]  # recorded from the training masks, in the model frame
+    assert card["quality"]["n"] == 6 and ranges["bones_found"]["max"] >= 29 and ranges["pieces.Radius"]["min"] <= 1
+    assert card["quality"]["parameters"]["min_piece_fraction"] > 0
     assert (trained / "dice_per_class.png").is_file() and (trained / "logs" / "fold0.png").is_file()
     oof = list(csv.DictReader(open(trained / "oof_predictions.csv")))
     assert len(oof) == 6 and {"item", "fold", "dice", "dice_Pisiform"} <= set(oof[0])

@@ -59,6 +59,10 @@ def assert_probabilities(reply):
     assert len(reply["probabilities"]) == 4 and sum(reply["probabilities"]) == pytest.approx(1.0, abs=1e-9)
     assert reply["severity"] == int(np.argmax(reply["probabilities"])) and 0 <= reply["severity"] <= 3
     assert reply["model"] == {"name": "scar-tiny-test", "version": "test", "demo": True}
+    folds = reply["uncertainty"]["folds"]
+    assert len(reply["uncertainty"]["fold_probabilities"]) == folds
+    assert (reply["uncertainty"]["probability_std"] is None) == (folds == 1)
+    assert set(reply["quality"]) == {"ok", "reasons"}
 
 
 def test_the_ready_line_lists_scar(daemon):

@@ -61,6 +61,8 @@ def test_the_three_runs_share_one_card_with_every_models_folds_and_metrics(train
         training = card["models"][model]["training"]
         assert training["model"] == model and training["command"].startswith("python -m train.scar")
     assert card["models"]["combined"]["training"]["initialisation"].startswith("image/clinical branches")
+    ranges = card["quality"]["ranges"]  # the photo runs' colour ranges and the clinical runs' feature ranges
+    assert {"saturation", "colourfulness"} <= set(ranges) and "clinical.BMI" in ranges
     splits = [json.loads((trained / m / "splits.json").read_text()) for m in scar.MODES]
     assert splits[0] == splits[1] == splits[2]  # the patient column groups, the seed fixes the folds
 
@@ -78,6 +80,7 @@ def test_the_daemon_serves_the_trained_card_in_all_three_modes(trained, phantoms
         prepared = handler.preprocess(job)
         reply = handler.reply(job, handler.postprocess(job, prepared, handler.infer([prepared])[0]))
         assert reply["result"] == "ok" and reply["mode"] == mode and sum(reply["probabilities"]) == pytest.approx(1)
+        assert reply["quality"]["ok"] is True and reply["uncertainty"]["folds"] == 2, reply
         if mode != "clinical":
             with Image.open(reply["overlay_img_path"]) as overlay:
                 assert overlay.size == (80, 64)

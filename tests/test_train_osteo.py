@@ -55,6 +55,7 @@ def test_a_two_fold_run_writes_a_card_the_daemon_can_load(trained):
     pooled = card["metrics"]["pooled"]
     assert pooled["n"] == 8 and {"accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix"} <= set(pooled)
     assert card["data"]["class_counts"] == {"C1": 4, "C3": 4} and "phantoms" in card["data"]["source"]
+    assert card["quality"]["n"] == 8 and set(card["quality"]["ranges"]) == {"aspect", "mean", "contrast", "symmetry"}
     training = card["training"]
     assert training["world_size"] == 1 and training["half"] is True and training["seed"] == 0
     assert training["torch"] == torch.__version__ and training["command"].startswith("python -m train.osteo")

@@ -83,6 +83,11 @@ class TrainTask:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     # When set, builds fold k's network instead of ``build_model`` (e.g. from that fold's earlier weights).
     fold_model: Callable[[int], torch.nn.Module] | None = None
+    # Keep the last validated epoch rather than the best one by ``score_key``: nothing about the
+    # checkpoint is then chosen on the validation fold, so its out-of-fold figures stay unbiased.
+    keep_last: bool = False
+    # Card fields computed from the pooled out-of-fold records and metrics (e.g. an operating threshold).
+    card_from_results: Callable[[Records, dict[str, Any]], dict[str, Any]] | None = None
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100, batch_size: int = 4,
@@ -289,7 +294,7 @@ def _train_fold(task: TrainTask, args, context: DistributedContext, fold: int,
             val_loss, records = _validate(task, model, val_set, args.batch_size, args.workers, context, amp)
             metrics = task.metrics(records)
             key = _selection_key(metrics.get(task.score_key), val_loss)
-            if best is None or key > best_key:
+            if best is None or key > best_key or task.keep_last:
                 best_key = key
                 best = {"best_epoch": epoch, "metrics": metrics, "records": records, "val_loss": val_loss}
                 if context.is_main:
@@ -381,6 +386,8 @@ def _finish(task: TrainTask, args, context: DistributedContext, out: Path, summa
               "n_train": s["n_train"], "n_val": s["n_val"], "best_epoch": s["best_epoch"],
               "metrics": s["metrics"]} for s in summaries]
     card = dict(task.card)
+    if task.card_from_results is not None:
+        card.update(task.card_from_results(oof, pooled))
     card.setdefault("task", task.name)
     training = {**_hyperparameters(args), **task.hyperparameters, **card.pop("training", {}),
                 "seed": args.seed, "world_size": context.world_size, "device": context.device.type,

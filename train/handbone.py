@@ -45,7 +45,10 @@ Demo weights (synthetic phantoms, for weights/handbone/; the card records the ti
         --folds 2 --epochs 70 --batch-size 4 --lr 5e-3 --seed 0 --half --demo
 
 On the idle 2-core machine this took 21.9 min wall (42 CPU-min) for pooled out-of-fold Dice
-0.926 and reproduced the committed weights bit for bit. With ``--epochs 45`` this reached pooled out-of-fold Dice 0.863 (still rising when the cosine
+0.926 and reproduced the committed weights bit for bit. The trainer records the quality ranges
+(bones found, pieces and areas of the training masks); the committed card got them afterwards,
+without retraining: ``python -m train.synthetic handbone /tmp/q_hb --n 48 --size 256 256 --seed 1``
+then ``python -m train.quality handbone /tmp/q_hb --card weights/handbone``. With ``--epochs 45`` this reached pooled out-of-fold Dice 0.863 (still rising when the cosine
 schedule ended; ~9 s an epoch on 2 idle CPU cores); 32 phantoms, 40 epochs and lr 3e-3 gave ~0.7.
 """
 from __future__ import annotations
@@ -66,6 +69,7 @@ from train.handbone_data import HandboneSamples, find_cases, model_sample
 from train.reporting import data_source
 from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
 from train.handbone_tune import add_tune_arguments
+from train.quality import describe, handbone_frame_samples, handbone_record
 
 AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
                 "and contrast 0.8-1.2 p=0.5; elastic p=0.3 when --elastic")
@@ -182,6 +186,8 @@ def build_task(args: argparse.Namespace) -> TrainTask:
             "output": {"activation": "sigmoid", "multilabel": True, "threshold": handbone.DEFAULT_THRESHOLD},
             "data": {"root": str(args.data), "n_images": len(cases), "n_patients": len(patients),
                      "source": data_source(Path(args.data), f"DCM/ + outputs_json/ under {args.data}")},
+            "quality": handbone_record(handbone_frame_samples(cases, input_spec, classes, sample), classes,
+                                       describe(Path(args.data), len(cases), "masks")),
             "training": {"optimizer": f"AdamW(weight_decay={args.weight_decay:g})", "scheduler": args.scheduler,
                          "loss": "{:g}*BCE + {:g}*Dice + {:g}*IoU".format(*args.loss),
                          "selection": "best validation Dice at original resolution (mean over images, then classes)",

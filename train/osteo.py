@@ -33,6 +33,12 @@ are still far off and eval-mode outputs collapse to a constant (validation AUC 0
     python -m train.synthetic osteo /tmp/osteo_examples --n 2 --size 449 954 --seed 7
     cp /tmp/osteo_examples/C1/c1_0000.png examples/osteo_c1.png
     cp /tmp/osteo_examples/C3/c3_0000.png examples/osteo_c3.png
+
+The trainer records the card's quality ranges (``train/quality.py``); the committed card got
+them afterwards, from the same phantoms rebuilt, without retraining:
+
+    python -m train.synthetic osteo /tmp/q_osteo --n 60 --size 674 1431 --seed 1
+    python -m train.quality osteo /tmp/q_osteo --card weights/osteo
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ from tasks import osteo
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, augmentation_generator, run_trainer
 from train.metrics import classification_plots, classification_records, records_metrics
+from train.quality import DEFAULT_MARGIN, describe, osteo_record
 from train.reporting import data_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
@@ -178,6 +185,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
             "data": {"root": str(args.data), "n_images": len(items),
                      "class_counts": {label: counts[i] for i, label in enumerate(labels)},
                      "source": data_source(Path(args.data), f"class folders under {args.data}")},
+            "quality": osteo_record(paths, describe(Path(args.data), len(items), "images"), DEFAULT_MARGIN),
             "training": {"optimizer": "Adam", "scheduler": "ReduceLROnPlateau(factor=0.1, patience=5, val_loss)",
                          "loss": "CrossEntropyLoss", "selection": "best validation ROC-AUC (ties: lower val loss)",
                          "augmentation": "per epoch: vertical flip p=0.5, rotation +-[10,30] deg p=0.5",

@@ -37,6 +37,12 @@ about 3 + 1 + 1 minutes when the machine is otherwise idle, much longer when it 
         --lr 0.05 --momentum 0.9 --lr-step 40 --half --demo
     python -m train.scar combined /tmp/scar_phantoms --out weights/scar --init-from-branches --folds 2 \\
         --epochs 10 --batch-size 8 --lr 0.02 --momentum 0.9 --lr-step 8 --augment --half --demo
+
+Each run records its quality ranges in the card (photo colour, clinical values); the committed
+card got them afterwards, from the same phantoms rebuilt, without retraining:
+
+    python -m train.synthetic scar /tmp/q_scar --n 360 --seed 1
+    python -m train.quality scar /tmp/q_scar --card weights/scar
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ from train.metrics import classification_records
 from train.reporting import data_source
 from train.scar_data import PhotoStore, ScarData, ScarFold, fold_scaler, load_data
 from train.scar_results import scar_metrics, scar_plots
+from train.quality import describe, scar_record
 
 DEFAULTS = {"image": {"epochs": 100}, "clinical": {"epochs": 50}, "combined": {"epochs": 100}}
 
@@ -163,6 +170,9 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
             "data": {"root": str(args.data), "n_items": len(data.items), "source": data_source(args.data if Path(args.data).is_dir() else Path(args.data).parent, data.source),
                      "class_counts": {label: int(c) for label, c in zip(scar.LABELS, counts)},
                      "grouped_by_patient": data.groups is not None},
+            "quality": scar_record(data.image_paths if photos is not None else None,
+                                   data.features if mode != "image" else None, data.feature_names,
+                                   describe(Path(args.data), len(data.items), "rows")),
             "training": {"model": mode, "optimizer": f"SGD(momentum={args.momentum}, weight_decay={args.weight_decay})",
                          "scheduler": f"StepLR(step={args.lr_step} epochs, gamma={args.lr_gamma})",
                          "loss": "CrossEntropyLoss", "selection": f"best validation {args.select} (ties: lower val loss)",

@@ -75,11 +75,23 @@ def _check_compatible(card: dict[str, Any], model: str, input_spec: dict | None,
                          "train on the same table columns, or into a fresh --out")
 
 
+def merge_quality(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's quality ranges after a run: the run's measures replace the same measures, the others stay
+    (an image run brings photo ranges, a clinical run feature ranges)."""
+    if not new:
+        return old
+    if not old:
+        return new
+    return {**old, **new, "ranges": {**old.get("ranges", {}), **new.get("ranges", {})},
+            "source": new.get("source", old.get("source"))}
+
+
 def merge_model(out: Path, model: str, entries: list[dict[str, Any]], *, architecture: dict[str, Any],
                 input_spec: dict[str, Any] | None, feature_names: Sequence[str] | None,
-                section: dict[str, Any]) -> dict[str, Any]:
+                section: dict[str, Any], quality: dict[str, Any] | None = None) -> dict[str, Any]:
     """Replace ``model``'s entries and records in ``OUT/card.json`` (creating it) and write it; returns the card."""
     card = _existing(out)
+    existing_quality = card.get("quality")
     _check_compatible(card, model, input_spec, feature_names)
     folds = [entry for entry in card.get("folds", []) if entry.get("model") != model] + entries
     present = {entry["model"] for entry in folds}
@@ -113,6 +125,9 @@ def merge_model(out: Path, model: str, entries: list[dict[str, Any]], *, archite
     }
     if "clinical_features" in inputs:
         card["clinical_features"] = {"names": inputs["clinical_features"], "standardisation": STANDARDISATION}
+    merged = merge_quality(existing_quality, quality)
+    if merged:
+        card["quality"] = merged
     write_card(out, json_safe(card))
     for path in out.glob(f"{model}_fold*.safetensors"):  # weights of an older run with more folds
         if path.name not in {entry["file"] for entry in entries}:
@@ -137,4 +152,4 @@ def publish_run(out: Path, model: str, run_card: dict[str, Any], *, input_spec: 
     section = {key: run_card.get(key) for key in ("version", "demo", "metrics", "training", "data")}
     section["run_folder"] = model
     return merge_model(out, model, entries, architecture=run_card["architecture"], input_spec=input_spec,
-                       feature_names=feature_names, section=section)
+                       feature_names=feature_names, section=section, quality=run_card.get("quality"))

@@ -22,7 +22,8 @@ import torch
 
 from daemon.dicom_content import Content as DicomContent
 from daemon.dicom_source import dicom_options
-from daemon.errors import FILE_NOT_FOUND, IMAGE_TOO_LARGE, PATH_NOT_ALLOWED, UNREADABLE_IMAGE, ServiceError
+from daemon.errors import (FILE_NOT_FOUND, IMAGE_TOO_LARGE, INVALID_REQUEST, PATH_NOT_ALLOWED, UNREADABLE_IMAGE,
+                           ServiceError)
 from daemon.outputs import is_within, output_stem, prepare_destination, timestamp
 from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
@@ -57,6 +58,7 @@ class Settings:
     fold: int | None = None
     precision: str = "fp32"  # one of PRECISIONS
     dicom: bool = False      # --dicom: requests write DICOM objects unless they say "dicom": false
+    check_kind: bool = True  # --no-kind-check turns the image-kind gate off for every request
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TaskHandler:
     fields: ClassVar[frozenset[str]] = frozenset()
     # Reply fields that come right after ``result`` (the osteo seed's order), before ``task``.
     leading_fields: ClassVar[tuple[str, ...]] = ()
+    # The image-kind gate (daemon.kind_gate.KindGate) the registry hands every handler; None: no gate.
+    kind_gate: Any = None
 
     def __init__(self, card: dict[str, Any], networks: list[torch.nn.Module], settings: Settings,
                  source: str) -> None:
@@ -139,10 +143,18 @@ class TaskHandler:
 
     # --- the four steps -------------------------------------------------------------------
     def validate(self, request: dict[str, Any]) -> Job:
-        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong."""
-        reject_unknown_fields(request, self.fields | {"task", "id", "dicom", "dicom_context"})
+        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong.
+        A task that reads images also takes ``check_kind`` (default true: the image-kind gate runs)."""
+        reads_images = "img_path" in self.fields
+        reject_unknown_fields(request, self.fields | {"task", "id", "dicom", "dicom_context"}
+                              | ({"check_kind"} if reads_images else set()))
         job = Job(task=self.task, request=request)
         job.options["dicom"] = dicom_options(request, self.settings.dicom)
+        if reads_images:
+            check = request.get("check_kind", True)
+            if not isinstance(check, bool):
+                raise ServiceError(INVALID_REQUEST, f"'check_kind' must be true or false (got {check!r})")
+            job.options["check_kind"] = check
         return job
 
     def preprocess(self, job: Job) -> Any:
@@ -187,10 +199,26 @@ class TaskHandler:
         job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
         return job
 
-    def read_input(self, img_path: str, color: str = "gray", job: Job | None = None) -> np.ndarray:
-        """Read an input image through the one reader, with the daemon's size cap and error codes.
-        With ``job`` asking for DICOM, the image and the DICOM header (None for other formats) are
-        kept in it for the objects to reference."""
+    def read_request_image(self, job: Job, color: str = "gray") -> np.ndarray:
+        """The request's ``img_path`` decoded once, checked by the image-kind gate (unless the daemon or
+        the request turned it off), and returned as ``color``; ServiceError(wrong_image_kind) when the
+        image is confidently not of this task's kind. When the job asks for DICOM, the image and its
+        DICOM header (None for other formats) are kept in it for the objects to reference."""
+        decoded = self.decode_input(job.options["img_path"])
+        if self.kind_gate is not None and self.settings.check_kind and job.options.get("check_kind", True):
+            self.kind_gate.check(self.task, decoded)
+        image = decoded.as_color(color)
+        if job.options.get("dicom") is not None:
+            job.options["dicom_input"] = (decoded.header, image)
+        return image
+
+    def read_input(self, img_path: str, color: str = "gray") -> np.ndarray:
+        """Read an input image through the one reader, with the daemon's size cap and error codes."""
+        return self.decode_input(img_path).as_color(color)
+
+    def decode_input(self, img_path: str) -> imaging.DecodedImage:
+        """Decode an input image (pixels in their own colour, DICOM kind attributes and header) through
+        the one reader, with the daemon's size cap and error codes."""
         path = os.path.abspath(img_path)
         root = self.settings.input_root
         if root is not None and not is_within(Path(os.path.realpath(path)), root):
@@ -204,7 +232,7 @@ class TaskHandler:
         if stat.S_ISDIR(mode):
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is a folder, not an image file")
         try:
-            image, header = imaging.read_image_and_header(path, color=color, max_pixels=self.settings.max_pixels)
+            image = imaging.decode_image(path, max_pixels=self.settings.max_pixels)
         except imaging.ImageTooLarge as exc:
             raise ServiceError(IMAGE_TOO_LARGE, str(exc)) from None
         except imaging.ImageReadError as exc:
@@ -213,11 +241,10 @@ class TaskHandler:
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} does not exist") from None
         except PermissionError:
             raise ServiceError(FILE_NOT_FOUND, f"img_path {img_path!r} is not readable (permission denied)") from None
-        if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-            raise ServiceError(UNREADABLE_IMAGE, f"image is {image.shape[1]}x{image.shape[0]} pixels; "
+        height, width = image.pixels.shape[:2]
+        if min(height, width) < MIN_IMAGE_SIDE:
+            raise ServiceError(UNREADABLE_IMAGE, f"image is {width}x{height} pixels; "
                                                  f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
-        if job is not None and job.options.get("dicom") is not None:
-            job.options["dicom_input"] = (header, image)
         return image
 
     def reply(self, job: Job, fields: dict[str, Any]) -> dict[str, Any]:

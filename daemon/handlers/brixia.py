@@ -123,7 +123,7 @@ class BrixiaHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray", job=job)
+        gray = self.read_request_image(job, color="gray")
         tensor, frame, geometry = brixia.preprocess(gray, self.card["input"])
         return Prepared(tensor, frame, geometry, gray, job.options["alignment"], job.options["cams"])
 

@@ -29,7 +29,7 @@ from daemon import dicom_content as dicom
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
-from tasks import handbone
+from tasks import handbone, quality, uncertainty
 
 
 @dataclass
@@ -39,6 +39,12 @@ class Prepared:
     gray: np.ndarray              # the input as read, what the overlay is drawn on
     threshold: float
     tta: bool
+
+
+@dataclass
+class Inferred:
+    probabilities: np.ndarray     # (C, S, S) mean over folds, model frame
+    fold_masks: np.ndarray        # (folds, C, h, w) bool: each fold's masks inside the letterbox
 
 
 class HandboneHandler(TaskHandler):
@@ -65,19 +71,25 @@ class HandboneHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray", job=job)
+        gray = self.read_request_image(job, color="gray")
         tensor, geometry = handbone.preprocess(gray, self.card["input"])
         return Prepared(tensor, geometry, gray, job.options["threshold"], job.options["tta"])
 
-    def infer(self, batch: list[Prepared]) -> list[np.ndarray]:
+    def infer(self, batch: list[Prepared]) -> list[Inferred]:
         inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
-        with torch.inference_mode(), self.autocast():  # ensemble_probabilities casts logits to float32 before the sigmoid
-            probabilities = handbone.ensemble_probabilities(self.networks, inputs, [item.tta for item in batch])
-        return list(probabilities.float().cpu().numpy())
+        thresholds = torch.tensor([item.threshold for item in batch], device=inputs.device).view(-1, 1, 1, 1)
+        total, fold_masks = None, []
+        with torch.inference_mode(), self.autocast():  # fold_probabilities casts logits to float32 before the sigmoid
+            for probabilities in handbone.fold_probabilities(self.networks, inputs, [item.tta for item in batch]):
+                total = probabilities if total is None else total + probabilities
+                fold_masks.append((probabilities > thresholds).cpu().numpy())
+        mean = (total / len(self.networks)).float().cpu().numpy()
+        return [Inferred(mean[i], np.stack([inner_box(masks[i], item.geometry) for masks in fold_masks]))
+                for i, item in enumerate(batch)]
 
-    def postprocess(self, job: Job, prepared: Prepared, inferred: np.ndarray) -> dict[str, Any]:
+    def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         classes = self.card["labels"]
-        masks = handbone.masks_at_input(inferred, prepared.geometry, prepared.threshold)
+        masks = handbone.masks_at_input(inferred.probabilities, prepared.geometry, prepared.threshold)
         folder, stamp = job.options["folder"], timestamp()
         stem = output_stem(job.options["img_path"])
         image_name = Path(job.options["img_path"]).name
@@ -98,6 +110,8 @@ class HandboneHandler(TaskHandler):
             "image_size": [int(masks.shape[1]), int(masks.shape[2])],
             "threshold": prepared.threshold,
             "tta": prepared.tta,
+            "uncertainty": uncertainty.segmentation_uncertainty(inferred.fold_masks, classes),
+            "quality": self.quality(inferred.probabilities > prepared.threshold, prepared.geometry),
         }
 
     def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
@@ -107,9 +121,24 @@ class HandboneHandler(TaskHandler):
                       for name, mask in zip(self.card["labels"], job.artifacts["masks"])],
             parameters=[f"threshold={fields['threshold']}", f"tta={str(fields['tta']).lower()}"])
 
+    def quality(self, frame_masks: np.ndarray, geometry: handbone.Geometry) -> dict[str, Any]:
+        """Bones found, pieces and areas of the model-frame masks against the card's training ranges."""
+        record = self.card.get("quality")
+        if not record:
+            return quality.assess({}, record)
+        classes = self.card["labels"]
+        measures = handbone.quality_measures(frame_masks, geometry, classes,
+                                             float(record["parameters"]["min_piece_fraction"]))
+        return quality.assess(measures, record, handbone.quality_labels(classes))
+
 
 # SNOMED CT codes pydicom knows for a class; every other bone (fingers, carpals) is coded as "Bone".
 BONE_CODES = {"Radius": codes.SCT.Radius, "Ulna": codes.SCT.Ulna, "Scaphoid": codes.SCT.Scaphoid}
+
+
+def inner_box(masks: np.ndarray, geometry: handbone.Geometry) -> np.ndarray:
+    """``(C, S, S)`` model-frame masks -> the part inside the letterbox (the image itself)."""
+    return masks[:, geometry.top:geometry.top + geometry.inner_height, geometry.left:geometry.left + geometry.inner_width]
 
 
 def masks_npz(masks: np.ndarray, classes: list[str]) -> bytes:

@@ -18,7 +18,7 @@ from daemon import explain
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_png
-from tasks import osteo, rolling_ball_numba
+from tasks import osteo, quality, rolling_ball_numba, uncertainty
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Prepared:
     # 0.4 MB instead of 5.5 MB.
     shown: np.ndarray
     method: str
+    measures: dict[str, float] | None = None  # tasks.osteo.quality_measures of the input
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Inferred:
     probabilities: np.ndarray  # (num_classes,)
     predicted: int
     heat: np.ndarray           # (H, W) in [0, 1]
+    fold_probabilities: np.ndarray | None = None  # (folds, num_classes)
 
 
 class OsteoHandler(TaskHandler):
@@ -64,9 +66,9 @@ class OsteoHandler(TaskHandler):
         return job
 
     def preprocess(self, job: Job) -> Prepared:
-        gray = self.read_input(job.options["img_path"], color="gray", job=job)
+        gray = self.read_request_image(job, color="gray")
         shown = osteo.preprocessed_gray(gray, self.card["input"])
-        return Prepared(shown=shown, method=job.options["explain"])
+        return Prepared(shown=shown, method=job.options["explain"], measures=osteo.quality_measures(gray))
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         # One forward pass per fold serves both the probabilities and the map (explain.explained_prediction).
@@ -77,10 +79,10 @@ class OsteoHandler(TaskHandler):
             rows = [i for i, item in enumerate(batch) if item.method == method]
             subset = inputs if len(rows) == len(batch) else inputs[rows]
             with self.autocast():
-                probabilities, predicted, heat = explain.explained_prediction(
+                probabilities, predicted, heat, per_fold = explain.explained_prediction(
                     self.networks, subset, method, osteo.explain_target_layer)
             for k, i in enumerate(rows):
-                results[i] = Inferred(probabilities[k], int(predicted[k]), heat[k])
+                results[i] = Inferred(probabilities[k], int(predicted[k]), heat[k], per_fold[:, k])
         return results
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
@@ -102,6 +104,8 @@ class OsteoHandler(TaskHandler):
             "label": label,
             "probability": round(float(inferred.probabilities[1]), 6),
             "explain": prepared.method,
+            "uncertainty": uncertainty.classification_uncertainty(inferred.fold_probabilities, labels),
+            "quality": quality.assess(prepared.measures, self.card.get("quality")),
         }
 
     def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:

@@ -25,7 +25,7 @@ from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
 from daemon.protocol import require_string
-from tasks import scar
+from tasks import quality, scar, uncertainty
 from tasks.cards import CardError
 from tasks.nets.late_fusion import ClinicalHeld
 
@@ -46,6 +46,7 @@ class Prepared:
     image: torch.Tensor | None       # (3, h, w) network input
     photo: np.ndarray | None         # (H, W, 3) the photo as read (EXIF-oriented), what overlays are drawn on
     clinical: np.ndarray | None      # (F,) raw feature values in card order
+    measures: dict[str, float] | None = None  # tasks.scar quality measures of the photo and clinical values
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Inferred:
     probabilities: np.ndarray        # (4,)
     severity: int
     cam: np.ndarray | None           # (h, w) in [0, 1] at network input size
+    fold_probabilities: np.ndarray | None = None  # (folds, 4) of the answering model
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,10 +146,12 @@ class ScarHandler(TaskHandler):
 
     def preprocess(self, job: Job) -> Prepared:
         photo = image = None
+        measures = scar.clinical_quality_measures(job.options.get("clinical"), self.feature_names)
         if job.options["img_path"] is not None:
-            photo = self.read_input(job.options["img_path"], color="rgb", job=job)
+            photo = self.read_request_image(job, color="rgb")
             image = scar.preprocess_photo(photo, self.card["input"]["photo"])
-        return Prepared(job.options["mode"], image, photo, job.options.get("clinical"))
+            measures.update(scar.quality_measures(photo))
+        return Prepared(job.options["mode"], image, photo, job.options.get("clinical"), measures)
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         results: list[Inferred | None] = [None] * len(batch)
@@ -166,8 +170,9 @@ class ScarHandler(TaskHandler):
                     for fold in folds]
         with torch.inference_mode(), self.autocast():
             outputs = [fold.network(*[x for x in (images, rows) if x is not None]) for fold, rows in zip(folds, clinical)]
-        probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs]).mean(0)
-        probabilities = probabilities.cpu().numpy().astype(np.float64)
+        fold_probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs])
+        probabilities = fold_probabilities.mean(0).cpu().numpy().astype(np.float64)
+        fold_probabilities = fold_probabilities.cpu().numpy().astype(np.float64)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         severity = probabilities.argmax(axis=1)
         cams: list[np.ndarray | None] = [None] * len(items)
@@ -176,12 +181,14 @@ class ScarHandler(TaskHandler):
                         for fold, rows in zip(folds, clinical)]
             with self.autocast():
                 cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
-        return [Inferred(probabilities[i], int(severity[i]), cams[i]) for i in range(len(items))]
+        return [Inferred(probabilities[i], int(severity[i]), cams[i], fold_probabilities[:, i]) for i in range(len(items))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         fields: dict[str, Any] = {"severity": inferred.severity,
                                   "probabilities": [float(p) for p in inferred.probabilities],
-                                  "mode": prepared.mode}
+                                  "mode": prepared.mode,
+                                  "uncertainty": uncertainty.classification_uncertainty(inferred.fold_probabilities,
+                                                                                        self.card["labels"])}
         if prepared.photo is not None:
             height, width = prepared.photo.shape[:2]
             cam = cv2.resize(inferred.cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
@@ -190,6 +197,7 @@ class ScarHandler(TaskHandler):
             overlay = photo_overlay(prepared.photo, cam)
             fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}", overlay))
             job.artifacts.update(overlay=overlay, stamp=stamp)
+        fields["quality"] = quality.assess(prepared.measures, self.card.get("quality"))
         return fields
 
     def dicom_content(self, job: Job, fields: dict[str, Any]) -> dicom.Content:
