@@ -59,6 +59,23 @@ def film_measures(masks: np.ndarray) -> dict[str, float | None]:
     return {key: (None if value is None else float(value)) for key, value in measures.items()}
 
 
+QUALITY_LABELS = {"right_lung_fraction": "right lung area (share of the frame)",
+                  "left_lung_fraction": "left lung area (share of the frame)",
+                  "heart_fraction": "heart area (share of the frame)", "lung_balance": "right / left lung area",
+                  "heart_lean": "heart lean towards the left lung", "vertical_overlap": "lungs side by side (shared height)"}
+
+
+def quality_measures(masks: np.ndarray) -> dict[str, float]:
+    """What the brixia output check (``tasks.quality``) measures of the (3, S, S) masks: each structure's
+    share of the frame, the right/left lung area ratio, the heart's lean and the lungs' shared height
+    (a measure that cannot be taken, e.g. the lean without a heart, is left out)."""
+    m = film_measures(masks)
+    measures = {key: m[key] for key in QUALITY_LABELS if m.get(key) is not None}
+    if m["left_lung_fraction"]:
+        measures["lung_balance"] = m["right_lung_fraction"] / m["left_lung_fraction"]
+    return measures
+
+
 def film_problem(masks: np.ndarray, limits: dict[str, Any] | None = None) -> str | None:
     """Why the masks do not show a frontal chest film the right way round, or None when they do."""
     limits = {**DEFAULT_FILM_LIMITS, **(limits or {})}

@@ -77,11 +77,31 @@ def pose_probabilities(networks: Sequence[nn.Module], frames: torch.Tensor) -> t
     return torch.stack([torch.softmax(network(inputs).float(), dim=-1) for network in networks]).mean(0)
 
 
-def pose_problem(probabilities: np.ndarray, threshold: float = 0.5) -> str | None:
-    """Why the film is refused (its most probable pose is not upright, with at least ``threshold``), or None."""
-    pose = int(np.argmax(probabilities))
-    if pose == UPRIGHT or probabilities[pose] < threshold:
+DEFAULT_MIN_UPRIGHT = 0.5  # for cards that do not record their own (the trainer chooses it out of fold)
+
+
+def pose_problem(probabilities: np.ndarray, min_upright: float = DEFAULT_MIN_UPRIGHT) -> str | None:
+    """Why the film is refused (the probability that it is upright is below ``min_upright``), or None."""
+    upright = float(probabilities[UPRIGHT])
+    if upright >= min_upright:
         return None
-    return (f"the film looks {POSES[pose]} (probability {probabilities[pose]:.2f}; upright "
-            f"{probabilities[UPRIGHT]:.2f}): brixia scores frontal chest X-rays as radiologists read them, "
+    others = np.array(probabilities, dtype=np.float64)
+    others[UPRIGHT] = -1.0
+    pose = int(np.argmax(others))
+    return (f"the film looks {POSES[pose]} (probability {probabilities[pose]:.2f}; upright {upright:.2f}, "
+            f"below {min_upright:.2f}): brixia scores frontal chest X-rays as radiologists read them, "
             "the patient's right lung on the image's left, apex up")
+
+
+def choose_min_upright(records: list[dict], target_pass: float = 0.99,
+                       grid: tuple[float, ...] = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)) -> float:
+    """The highest P(upright) floor at which at least ``target_pass`` of the upright films pass
+    (``records``: out-of-fold ``true_pose`` and ``p_upright``): refusing a good film costs a reading,
+    so the floor is set for the upright films and the refusals of turned ones are reported as they come."""
+    upright = np.array([r["p_upright"] for r in records if r["true_pose"] == UPRIGHT], dtype=np.float64)
+    if not upright.size:
+        return DEFAULT_MIN_UPRIGHT
+    for floor in grid:
+        if np.mean(upright >= floor) >= target_pass:
+            return floor
+    return grid[-1]

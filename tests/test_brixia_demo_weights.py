@@ -34,9 +34,13 @@ def test_a_frontal_film_is_scored_and_its_mirror_image_is_refused(daemon, tmp_pa
     reply = daemon.ask({"task": "brixia", "img_path": str(EXAMPLE), "destination_path": str(tmp_path), "cams": False})
     assert reply["result"] == "ok", reply
     assert set(reply["region_opacity"]) == set("ABCDEF")
+    assert reply["uncertainty"]["folds"] == len([f for f in read_card(WEIGHTS / "brixia")["folds"] if f.get("model") == "score"])
+    assert reply["uncertainty"]["max_expected_score_std"] >= 0 and reply["quality"]["ok"] in (True, False)
     mirrored = tmp_path / "mirrored.png"
     Image.fromarray(np.ascontiguousarray(np.asarray(Image.open(EXAMPLE).convert("L"))[:, ::-1])).save(mirrored)
-    reply = daemon.ask({"task": "brixia", "img_path": str(mirrored), "destination_path": str(tmp_path / "m")})
+    # check_kind false: the brixia film check itself is under test, not the image-kind gate before it
+    reply = daemon.ask({"task": "brixia", "img_path": str(mirrored), "destination_path": str(tmp_path / "m"),
+                        "check_kind": False})
     assert reply["result"] == "fail" and reply["error"]["code"] == "unreadable_image", reply
     assert "mirrored" in reply["error"]["message"]
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())   # a refused film writes nothing
@@ -48,7 +52,7 @@ def test_films_that_are_not_frontal_chests_are_refused_with_the_reason(daemon, t
     image = np.full((300, 300), 128, np.uint8) if kind == "blank" else np.ascontiguousarray(np.rot90(gray))
     path = tmp_path / f"{kind}.png"
     Image.fromarray(image).save(path)
-    reply = daemon.ask({"task": "brixia", "img_path": str(path), "destination_path": str(tmp_path)})
+    reply = daemon.ask({"task": "brixia", "img_path": str(path), "destination_path": str(tmp_path), "check_kind": False})
     assert reply["result"] == "fail" and reply["error"]["code"] == "unreadable_image", reply
     assert "frontal" in reply["error"]["message"] or "mirrored" in reply["error"]["message"]
     assert daemon.ask({"op": "health"})["result"] == "ok"

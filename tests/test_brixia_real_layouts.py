@@ -257,14 +257,28 @@ def test_the_eight_poses_are_the_turns_and_mirrors_of_a_film():
     assert len({p.tobytes() for p in posed}) == 8                  # all different
 
 
-def test_pose_problem_names_the_pose_and_lets_an_upright_or_unsure_film_through():
+def test_pose_problem_refuses_below_the_upright_floor_and_names_the_likeliest_pose():
     from tasks.brixia_orient import pose_problem
 
     assert pose_problem(np.array([0.9, 0.1, 0, 0, 0, 0, 0, 0])) is None
-    assert pose_problem(np.array([0.3, 0.45, 0.25, 0, 0, 0, 0, 0])) is None       # not sure enough: let through
-    message = pose_problem(np.array([0.05, 0.9, 0.05, 0, 0, 0, 0, 0]))
-    assert "mirrored" in message and "0.90" in message
+    assert pose_problem(np.array([0.3, 0.45, 0.25, 0, 0, 0, 0, 0]), min_upright=0.2) is None  # above the floor
+    assert "mirrored" in pose_problem(np.array([0.3, 0.45, 0.25, 0, 0, 0, 0, 0]), min_upright=0.35)
+    message = pose_problem(np.array([0.05, 0.9, 0.05, 0, 0, 0, 0, 0]), min_upright=0.2)
+    assert "mirrored" in message and "0.90" in message and "below 0.20" in message
     assert "upside down" in pose_problem(np.eye(8)[4])
+
+
+def test_the_upright_floor_is_the_highest_that_lets_99_percent_of_upright_films_through():
+    from tasks.brixia_orient import choose_min_upright
+    from train.brixia_metrics import orient_card_output
+
+    upright = [{"true_pose": 0, "p_upright": p, "fold": k % 2} for k, p in enumerate(np.linspace(0.22, 1.0, 200))]
+    upright[0]["p_upright"] = 0.12                                   # one unsure upright film in 200 may be refused
+    mirrored = [{"true_pose": 1, "p_upright": p, "fold": k % 2} for k, p in enumerate(np.linspace(0.0, 0.4, 100))]
+    assert choose_min_upright(upright + mirrored) == 0.2
+    output = orient_card_output(upright + mirrored, {})["output"]
+    assert output["min_upright"] == 0.2 and output["cross_fold"]["upright_passed"] >= 0.99
+    assert output["cross_fold"]["mirrored_refused"] == pytest.approx(0.5, abs=0.02)   # p_upright < 0.2
 
 
 def test_orient_net_and_its_metrics():
@@ -276,6 +290,6 @@ def test_orient_net_and_its_metrics():
     assert probabilities.shape == (3, 8) and torch.allclose(probabilities.sum(-1), torch.ones(3))
     logits = torch.full((4, 8), -5.0)
     logits[0, 0] = logits[1, 1] = logits[2, 0] = logits[3, 4] = 5.0   # right, right, a mirrored film let through, right
-    metrics = orient_metrics(orient_records(logits, torch.tensor([0, 1, 1, 4]), torch.arange(4)))
+    metrics = orient_metrics(orient_records(logits, torch.tensor([0, 1, 1, 4]), torch.arange(4)), min_upright=0.5)
     assert metrics["accuracy"] == 0.75 and metrics["upright_passed"] == 1.0
     assert metrics["mirrored_refused"] == 0.5 and metrics["turned_refused"] == pytest.approx(2 / 3)

@@ -115,9 +115,14 @@ def test_score_card_is_measured_against_the_senior_reader_with_the_junior_beside
     assert {"argmax", "expected_global_mae"} <= set(pooled)
     assert card["output"]["film_limits"]["measured"]["n"] == 6
     assert [f["model"] for f in card["folds"] if f.get("shared")] == ["seg", "seg", "orient", "orient"]
-    assert card["architecture"]["orient"]["poses"][:2] == ["upright", "mirrored"] and card["output"]["orient_threshold"]
+    assert card["architecture"]["orient"]["poses"][:2] == ["upright", "mirrored"] and 0 < card["output"]["orient_min_upright"] <= 0.5
     orient = read_card(trained.parent.parent / "orient")
     assert {"accuracy", "upright_passed", "mirrored_refused", "per_pose"} <= set(orient["metrics"]["pooled"])
+    assert orient["output"]["min_upright"] == card["output"]["orient_min_upright"]
+    check = card["metrics"]["film_check"]
+    assert ("quality" in card) == (check["refused"] < check["films_checked"])   # ranges from the films let through
+    if "quality" in card:
+        assert card["quality"]["n"] == check["films_checked"] - check["refused"]
     assert card["metrics"]["film_check"]["films_checked"] == 18
     oof = list(csv.DictReader(open(trained / "oof_predictions.csv")))
     assert len(oof) == 18 and {"pred_A", "true_A", "reader2_A", "argmax_A"} <= set(oof[0])
@@ -134,6 +139,8 @@ def test_the_daemon_serves_the_card_with_region_opacity(trained, layouts, tmp_pa
         if reply["result"] == "ok":
             assert set(reply["region_opacity"]) == set("ABCDEF")
             assert all(0 <= v["extent"] <= 1 for v in reply["region_opacity"].values())
+            assert reply["uncertainty"]["folds"] == 2 and set(reply["uncertainty"]["expected_score_std"]) == set("ABCDEF")
+            assert reply["quality"]["ok"] in (True, False)
         else:   # a 1-epoch segmenter may not find a frontal film: then it says why
             assert reply["error"]["code"] == "unreadable_image" and "lung" in reply["error"]["message"]
         assert daemon.ask({"op": "health"})["result"] == "ok"

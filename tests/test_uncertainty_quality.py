@@ -113,3 +113,38 @@ def test_osteo_replies_carry_uncertainty_and_quality(osteo_weights, tmp_path):
             one.close()
     finally:
         daemon.close()
+
+
+def test_brixia_uncertainty_is_the_fold_spread_of_each_regions_expected_score():
+    from daemon.handlers.brixia import score_uncertainty
+
+    folds = np.zeros((2, 6, 4))
+    folds[0, :, 1] = 1.0                     # fold 0: every region expected 1
+    folds[1, :, 1] = 1.0
+    folds[1, 0] = [0, 0, 0, 1]               # fold 1 says 3 for A
+    record = score_uncertainty(folds)
+    assert record["folds"] == 2 and "single_fold" not in record
+    assert record["expected_score_std"]["A"] == pytest.approx(1.0) and record["expected_score_std"]["B"] == 0
+    assert record["max_expected_score_std"] == pytest.approx(1.0)
+    assert record["expected_global_score_std"] == pytest.approx(1.0)    # globals 6 and 8
+    single = score_uncertainty(folds[:1])
+    assert single["expected_score_std"] is None and "one fold" in single["single_fold"]
+
+
+def test_brixia_quality_measures_the_lungs_and_heart_against_the_recorded_ranges():
+    from tasks.brixia_film import QUALITY_LABELS, quality_measures
+
+    masks = np.zeros((3, 100, 100), bool)
+    masks[0, 20:80, 15:45] = masks[1, 20:80, 55:80] = True      # right lung 30 wide, left 25
+    masks[2, 50:75, 45:65] = True                                 # heart leaning to the left lung
+    measures = quality_measures(masks)
+    assert measures["lung_balance"] == pytest.approx(30 / 25) and measures["heart_lean"] > 0
+    record = quality.record_ranges([measures], margin=0.25, source="test")
+    assert quality.assess(measures, record, QUALITY_LABELS)["ok"] is True
+    small = masks.copy()
+    small[0] = False
+    small[0, 40:60, 30:40] = True                                 # a right lung far smaller than in training
+    verdict = quality.assess(quality_measures(small), record, QUALITY_LABELS)
+    assert verdict["ok"] is False and any(reason.startswith("right lung area") for reason in verdict["reasons"])
+    no_heart = quality_measures(masks * np.array([1, 1, 0], bool)[:, None, None])
+    assert "heart_lean" not in no_heart                           # not measurable: left out, not zero

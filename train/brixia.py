@@ -59,12 +59,13 @@ from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_kfold
-from tasks.brixia_film import film_measures, film_problem, limits_from_masks
+from tasks import quality
+from tasks.brixia_film import film_problem, limits_from_masks, quality_measures
 from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
 from tasks.intensity import POLICIES, default_intensity
 from train.brixia_data import (OrientSamples, ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
                                read_gray, seg_sample)
-from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_metrics, orient_records,
+from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_card_output, orient_metrics, orient_records,
                                   plot_score_report, plot_seg_report, score_metrics, seg_metrics, stn_loss, stn_metrics,
                                   stn_records)
 from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, UNLABELLED, covid_qu_ex_cases, folder_cases,
@@ -74,6 +75,7 @@ from train.metrics import json_safe
 from train.reporting import data_source
 
 STAGES = ("seg", "stn", "orient", "score")
+QUALITY_MARGIN = 0.25  # the output check's ranges: training min-max widened by this (tasks.quality)
 IMAGE_FOLDERS = (".", "images", "dicom_clean", "png", "public-cohen-subset")
 SEG_PRIOR = 0.1   # a lung or the heart covers roughly a tenth of a chest film
 
@@ -315,13 +317,11 @@ def orient_task(args: argparse.Namespace) -> TrainTask:
         name="brixia-orient", items=[case.key for case in cases], strata=[sorted(counts).index(s) for s in sources],
         dataset=lambda indices, train: OrientSamples(sample, indices, input_spec, train, orient_size=args.orient_size),
         build_model=lambda: brixia_orient.build_orient(architecture), loss=torch.nn.CrossEntropyLoss(),
-        records=orient_records, metrics=orient_metrics, score_key="accuracy",
+        records=orient_records, metrics=orient_metrics, score_key="accuracy", card_from_results=orient_card_output,
         make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4),
         make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
         card={"task": "brixia-orient", "name": f"brixia-orient-{args.orient_size}", "architecture": architecture,
               "input": input_spec, "labels": list(brixia_orient.POSES),
-              "output": {"threshold": 0.5, "rule": "refuse when the most probable pose is not upright and has at "
-                                                   "least this probability"},
               "data": {"n_images": len(cases), "sources": {source: {"n_images": n,
                                                                     "note": SOURCE_NOTES.get(source.split("/")[0], "")}
                                                            for source, n in counts.items()}},
@@ -361,24 +361,41 @@ class Pipeline:
                  device: torch.device, opacity: bool = False, orient: list[torch.nn.Module] | None = None):
         self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
         self.opacity, self.orient = opacity, orient or []
+        self.min_upright = brixia_orient.DEFAULT_MIN_UPRIGHT
         self.film_limits = (seg_card.get("output") or {}).get("film_limits")
         self.methods: dict[str, int] = {}
         self.refused: dict[str, str] = {}
-        self.measures: list[dict[str, Any]] = []
+        self.measures: dict[str, dict[str, float]] = {}   # film name -> quality measures (films not refused)
 
-    @torch.no_grad()
-    def __call__(self, path: Path) -> np.ndarray:
+    def _segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Model frame, segmenter probabilities and cleaned masks of one film; its film check noted."""
         tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
         probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
         masks = brixia.clean_masks(probabilities)
         problem = None
         if self.orient:
             poses = brixia_orient.pose_probabilities(self.orient, tensor[None].to(self.device))[0].cpu().numpy()
-            problem = brixia_orient.pose_problem(poses)
+            problem = brixia_orient.pose_problem(poses, self.min_upright)
         problem = problem or film_problem(masks, self.film_limits)
+        name = Path(path).name
         if problem is not None:
-            self.refused[Path(path).name] = problem
-        self.measures.append(film_measures(masks))
+            self.refused[name] = problem
+        else:  # the output check's ranges come from the films the daemon would score
+            self.measures[name] = quality_measures(masks)
+        return frame, probabilities, masks
+
+    def checked(self, path: Path) -> bool:
+        name = Path(path).name
+        return name in self.refused or name in self.measures
+
+    @torch.no_grad()
+    def check(self, path: Path) -> None:
+        """The film check alone, for a film whose sample came from the cache (or another rank)."""
+        self._segment(path)
+
+    @torch.no_grad()
+    def __call__(self, path: Path) -> np.ndarray:
+        frame, probabilities, masks = self._segment(path)
         ((theta, method),) = brixia.align_batch([masks], self.stn, self.device)
         self.methods[method] = self.methods.get(method, 0) + 1
         return brixia.aligned_sample(frame, masks, theta, brixia.opacity_map(probabilities) if self.opacity else None)
@@ -474,7 +491,7 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
                          "alignment": "stn" if stage_cards.get("stn") else "masks",
                          "canonical_box": list(brixia.CANONICAL_BOX),
                          "film_limits": (stage_cards["seg"].get("output") or {}).get("film_limits"),
-                         **({"orient_threshold": stage_cards["orient"]["output"]["threshold"]}
+                         **({"orient_min_upright": stage_cards["orient"]["output"]["min_upright"]}
                             if stage_cards.get("orient") else {})},
               "data": {"root": str(args.data), "metadata": str(args.metadata), "n_images": len(rows),
                        "n_subjects": len(set(subjects)), "reader": reader,
@@ -514,17 +531,6 @@ def _bundle(out: Path, card: dict[str, Any], stage_cards: dict[str, Any], stage_
                                   "command": stage.get("training", {}).get("command")}
                           for model, stage in stage_cards.items() if stage is not None}
     return card
-
-
-def film_ranges(measures: list[dict[str, Any]]) -> dict[str, Any]:
-    """Percentiles (1, 50, 99) of each film measure over the scored training films: the ranges an
-    output check can compare a served film with."""
-    ranges = {}
-    for key in ("right_lung_fraction", "left_lung_fraction", "heart_fraction", "heart_lean", "vertical_overlap"):
-        values = [m[key] for m in measures if m.get(key) is not None]
-        if values:
-            ranges[key] = [round(float(v), 4) for v in np.percentile(values, [1, 50, 99])]
-    return {"n": len(measures), "percentiles": [1, 50, 99], **ranges}
 
 
 def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows: list[dict[str, Any]],
@@ -587,6 +593,8 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
         raise SystemExit(f"--opacity needs a segmenter with an opacity channel; {args.seg} has "
                          f"{', '.join(brixia.segmenter_labels(seg_card['architecture']))} (train seg with COVID-QU-Ex)")
     pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity, orient=orient)
+    if orient_card is not None:
+        pipeline.min_upright = orient_card["output"].get("min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT)
     stage_cards = {"seg": seg_card, "stn": stn_card, "orient": orient_card}
     task = score_task(args, context, pipeline, training_rows, stage_cards)
     card = run_kfold(task, args, context, module="train.brixia")
@@ -596,12 +604,20 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
     card = _bundle(out, card, stage_cards, {"seg": args.seg, "stn": args.stn, "orient": args.orient})
     card["metrics"]["consensus"] = evaluate_consensus(out, card, pipeline, consensus_rows, consensus, context.device)
     card["data"]["n_consensus_held_out"] = len(consensus_rows)
+    training_names = {Path(row["path"]).name for row in training_rows}
+    for row in training_rows:   # films whose sample came from the cache were not checked on the way
+        if not pipeline.checked(row["path"]):
+            pipeline.check(row["path"])
+    refused = {name: why for name, why in pipeline.refused.items() if name in training_names}
     card["metrics"]["film_check"] = {
-        "films_checked": len(pipeline.measures), "refused": len(pipeline.refused),
-        "refused_films": pipeline.refused,
+        "films_checked": len(training_rows), "refused": len(refused), "refused_films": refused,
         "note": "frontal training films the daemon's film check (tasks.brixia_film, and the pose classifier "
                 "when bundled) would refuse"}
-    card["output"]["film_measures"] = film_ranges(pipeline.measures)
+    measured = [m for name, m in pipeline.measures.items() if name in training_names]
+    if measured:
+        card["quality"] = quality.record_ranges(
+            measured, margin=QUALITY_MARGIN, source=f"the segmenter's masks of the {len(measured)} training films "
+            "the film check lets through")
     cards.write_card(out, json_safe(card))
     pooled = card["metrics"]["pooled"]
     print(f"brixia score card {out / cards.CARD_FILE}: out-of-fold region accuracy {pooled['accuracy']:.3f}, "

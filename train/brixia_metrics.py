@@ -107,22 +107,26 @@ def stn_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def orient_records(outputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> list[dict[str, Any]]:
     probabilities = torch.softmax(outputs.float(), dim=-1).numpy()
     return [{"index": int(index), "true_pose": int(true), "pred_pose": int(probs.argmax()),
-             "p_upright": float(probs[brixia_orient.UPRIGHT]),
-             "refused": brixia_orient.pose_problem(probs) is not None}
+             "p_upright": float(probs[brixia_orient.UPRIGHT])}
             for index, probs, true in zip(indices.tolist(), probabilities, targets.tolist())]
 
 
-def orient_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pose accuracy; how often an upright film passes and a turned or mirrored one is refused (the rule
-    the daemon applies); mirrored-or-not accuracy; accuracy per pose."""
+def orient_metrics(records: Sequence[dict[str, Any]], min_upright: float | None = None) -> dict[str, Any]:
+    """Pose accuracy; how often an upright film passes and a turned or mirrored one is refused by the
+    daemon's rule (P(upright) below ``min_upright``; by default the floor ``choose_min_upright`` picks on
+    these records); mirrored-or-not accuracy; accuracy per pose."""
     if not records:
         return {"n": 0, "accuracy": float("nan")}
+    if min_upright is None:
+        min_upright = brixia_orient.choose_min_upright(list(records))
+    records = [{**r, "refused": r["p_upright"] < min_upright} for r in records]
     upright = [r for r in records if r["true_pose"] == brixia_orient.UPRIGHT]
     turned = [r for r in records if r["true_pose"] != brixia_orient.UPRIGHT]
     mirrored = [r for r in records if r["true_pose"] == 1]
     return {
         "n": len(records),
         "accuracy": float(np.mean([r["pred_pose"] == r["true_pose"] for r in records])),
+        "min_upright": min_upright,
         "upright_passed": float(np.mean([not r["refused"] for r in upright])) if upright else None,
         "turned_refused": float(np.mean([r["refused"] for r in turned])) if turned else None,
         "mirrored_refused": float(np.mean([r["refused"] for r in mirrored])) if mirrored else None,
@@ -294,3 +298,27 @@ def plot_seg_report(records: Sequence[dict[str, Any]], metrics: dict[str, Any], 
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]
+
+
+def orient_card_output(records: Sequence[dict[str, Any]], pooled: dict[str, Any]) -> dict[str, Any]:
+    """The orient card's rule: the P(upright) floor chosen on every out-of-fold record, and the figures of
+    each fold judged at the floor chosen on the other folds only (the honest ones)."""
+    records = list(records)
+    floor = brixia_orient.choose_min_upright(records)
+    folds = sorted({r["fold"] for r in records}) if all("fold" in r for r in records) else []
+    cross = None
+    if len(folds) > 1:
+        judged = []
+        for fold in folds:
+            other = brixia_orient.choose_min_upright([r for r in records if r["fold"] != fold])
+            judged += [{**r, "p_floor": other} for r in records if r["fold"] == fold]
+        upright = [r for r in judged if r["true_pose"] == brixia_orient.UPRIGHT]
+        mirrored = [r for r in judged if r["true_pose"] == 1]
+        turned = [r for r in judged if r["true_pose"] != brixia_orient.UPRIGHT]
+        cross = {"upright_passed": float(np.mean([r["p_upright"] >= r["p_floor"] for r in upright])),
+                 "mirrored_refused": float(np.mean([r["p_upright"] < r["p_floor"] for r in mirrored])),
+                 "turned_refused": float(np.mean([r["p_upright"] < r["p_floor"] for r in turned]))}
+    return {"output": {"min_upright": floor, "target_upright_passed": 0.99,
+                       "rule": "refuse when P(upright) is below min_upright: the highest floor at which >= 99 % of "
+                               "the out-of-fold upright films pass",
+                       "cross_fold": cross}}

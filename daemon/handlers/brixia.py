@@ -31,8 +31,8 @@ from daemon import explain
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
-from tasks import brixia, brixia_orient
-from tasks.brixia_film import film_problem
+from tasks import brixia, brixia_orient, quality, uncertainty
+from tasks.brixia_film import QUALITY_LABELS, film_problem, quality_measures
 from tasks.cards import CardError
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
@@ -66,7 +66,8 @@ class Inferred:
     masks: np.ndarray                # (3, S, S) bool, unaligned frame
     theta: np.ndarray                # (2, 3)
     method: str                      # stn, masks or identity
-    probabilities: np.ndarray        # (6, 4)
+    probabilities: np.ndarray        # (6, 4) mean over the scorer folds
+    fold_probabilities: np.ndarray   # (folds, 6, 4)
     cams: np.ndarray | None          # (6, S, S) in [0, 1], unaligned frame
     regions: np.ndarray              # (6, S, S) bool, aligned frame
     opacity: np.ndarray | None       # (6, 2) per region: mean opacity probability, share above 0.5
@@ -148,7 +149,8 @@ class BrixiaHandler(TaskHandler):
         samples, keep = [], []
         output = self.card.get("output") or {}
         for k, item in enumerate(batch):
-            problem = None if poses is None else brixia_orient.pose_problem(poses[k], output.get("orient_threshold", 0.5))
+            problem = None if poses is None else brixia_orient.pose_problem(
+                poses[k], output.get("orient_min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT))
             if problem is None and check_film:
                 problem = film_problem(masks[k], output.get("film_limits"))
             if problem is not None:
@@ -162,7 +164,7 @@ class BrixiaHandler(TaskHandler):
         if keep:
             packed = [brixia.scorer_inputs(sample, self.card["input"]) for sample in samples]
             stacked = {key: torch.stack([p[key] for p in packed]).to(device) for key in packed[0]}
-            scores, cams = self._score(stacked, [batch[k].cams for k in keep])
+            scores, fold_scores, cams = self._score(stacked, [batch[k].cams for k in keep])
             region_opacity = (brixia.region_opacity(stacked["regions"], stacked["opacity"]).cpu().numpy()
                               if "opacity" in stacked else None)
             for row, k in enumerate(keep):
@@ -170,12 +172,15 @@ class BrixiaHandler(TaskHandler):
                 cam = None
                 if cams is not None and batch[k].cams:
                     cam = brixia.warp_array(cams[row], brixia.invert_theta(theta))   # back to the unaligned frame
-                results[k] = Inferred(masks[k], theta, method, scores[row], cam, samples[row][1:7].astype(bool),
+                results[k] = Inferred(masks[k], theta, method, scores[row], fold_scores[:, row], cam,
+                                      samples[row][1:7].astype(bool),
                                       None if region_opacity is None else region_opacity[row])
         return results  # type: ignore[return-value]
 
-    def _score(self, inputs: dict[str, torch.Tensor], want_cams: list[bool]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean probabilities (B, 6, 4) over the scorer folds and, when asked, Grad-CAM (B, 6, S, S)."""
+    def _score(self, inputs: dict[str, torch.Tensor], want_cams: list[bool]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Mean probabilities (B, 6, 4) over the scorer folds, each fold's (folds, B, 6, 4) and, when
+        asked, Grad-CAM (B, 6, S, S)."""
         features, logits = [], []
         for network in self.of("score"):
             with torch.inference_mode(), self.autocast():
@@ -184,9 +189,10 @@ class BrixiaHandler(TaskHandler):
                 feature = trunk.clone().requires_grad_(any(want_cams))
                 logits.append(network.head_logits(feature, inputs["regions"], inputs.get("opacity")))
             features.append(feature)
-        probabilities = torch.stack([torch.softmax(out.float(), dim=-1) for out in logits]).mean(0)
+        per_fold = torch.stack([torch.softmax(out.float(), dim=-1) for out in logits]).detach()
+        probabilities = per_fold.mean(0)
         if not any(want_cams):
-            return probabilities.detach().cpu().numpy(), None
+            return probabilities.cpu().numpy(), per_fold.cpu().numpy(), None
         predicted = self.decide(probabilities)                                 # (B, 6)
         size = inputs["image"].shape[-2:]
         cams = torch.zeros(inputs["image"].shape[0], len(brixia.REGIONS), *size)
@@ -200,7 +206,7 @@ class BrixiaHandler(TaskHandler):
         flat = cams.flatten(2)
         low, high = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
         cams = torch.where(high > low, (cams - low) / (high - low).clamp_min(1e-12), torch.zeros_like(cams))
-        return probabilities.detach().cpu().numpy(), cams.numpy()
+        return probabilities.cpu().numpy(), per_fold.cpu().numpy(), cams.numpy()
 
     def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Region scores from probabilities by the card's rule (median; argmax for cards from before it)."""
@@ -236,6 +242,8 @@ class BrixiaHandler(TaskHandler):
             "cam_img_paths": cam_paths,
             "alignment": inferred.method,
             "image_size": [int(prepared.gray.shape[0]), int(prepared.gray.shape[1])],
+            "uncertainty": score_uncertainty(inferred.fold_probabilities),
+            "quality": quality.assess(quality_measures(inferred.masks), self.card.get("quality"), QUALITY_LABELS),
             **({} if inferred.opacity is None else {"region_opacity": {
                 region: {"mean": round(float(inferred.opacity[r, 0]), 4), "extent": round(float(inferred.opacity[r, 1]), 4)}
                 for r, region in enumerate(brixia.REGIONS)}}),
@@ -261,6 +269,20 @@ class BrixiaHandler(TaskHandler):
         """Aligned-frame regions -> (6, H, W) bool at the input's size, through the inverse alignment."""
         back = brixia.warp_array(inferred.regions.astype(np.float32), brixia.invert_theta(inferred.theta))
         return masks_at_input(back, geometry)
+
+
+def score_uncertainty(fold_probabilities: np.ndarray) -> dict[str, Any]:
+    """How much the scorer folds disagree: the std over folds of each region's expected score (0-3)
+    and of the expected global score (0-18)."""
+    levels = np.arange(fold_probabilities.shape[-1])
+    expected = (fold_probabilities * levels).sum(-1)                         # (folds, 6)
+    record = uncertainty.single_fold_note(len(expected))
+    spread = uncertainty.score_spread(expected, brixia.REGIONS)
+    global_std = uncertainty.spread(expected.sum(-1))
+    record.update({"expected_score_std": spread,
+                   "max_expected_score_std": None if spread is None else max(spread.values()),
+                   "expected_global_score_std": None if global_std is None else round(float(global_std), 6)})
+    return record
 
 
 def label_palette_png(labels: np.ndarray) -> bytes:
