@@ -106,6 +106,8 @@ def test_score_card_is_measured_against_the_senior_reader_with_the_junior_beside
     card = read_card(trained)
     verify_folds(trained, card)
     assert card["data"]["reader"] == "mean" and "senior" in card["data"]["reference"]
+    assert "CC BY-NC-SA 4.0, so non-commercial" in card["data"]["licence"]          # the Cohen scores' terms
+    assert "jsrt" in card["data"]["stages"]["seg"]["sources"] and "orient" in card["data"]["stages"]
     assert card["architecture"]["score"]["opacity"] is True and card["architecture"]["score"]["shared_head"] is True
     assert "segmenter encoder" in card["training"]["trunk"] and card["output"]["decision"] == "median"
     pooled = card["metrics"]["pooled"]

@@ -44,6 +44,11 @@ SOURCE_NOTES = {
     "covid-qu-ex": "COVID-QU-Ex Infection Segmentation Data (Tahir et al., Qatar University), as published on "
                    "Kaggle: research use; infection masks used as opacity labels",
     "folders": "per-structure mask folders given on the command line",
+    "cohen": "Cohen covid-chestxray-dataset subset scored by the BrixIA radiologists (Signoroni et al., Medical "
+             "Image Analysis 2021, public-annotations.csv): scores CC BY-NC-SA 4.0, so non-commercial use only "
+             "and share-alike; images under the per-image licences of the Cohen dataset (Apache-2.0, CC BY, "
+             "CC BY-NC-SA)",
+    "brixia": "BrixIA hospital-format metadata (metadata_global_v2.csv); licence as the data set's owner states",
 }
 
 
