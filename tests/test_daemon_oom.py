@@ -19,6 +19,7 @@ from conftest import panoramic_phantom
 from daemon.handlers.base import Job, Settings, TaskHandler
 from daemon.registry import Registry, load_registry
 from daemon.server import Server, is_out_of_memory
+from tasks.bundle import Bundle
 
 CPU = torch.device("cpu")
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total capacity)"
@@ -189,7 +190,7 @@ def test_cuda_cache_is_emptied_before_the_retry(monkeypatch):
     emptied: list[int] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     card = {"name": "fake", "version": "0", "task": "osteo"}
-    handler = CudaHandler(card, [], replace(Settings(device=CPU), device=torch.device("cuda:0")), source="test")
+    handler = CudaHandler(card, Bundle(card), replace(Settings(device=CPU), device=torch.device("cuda:0")), source="test")
     registry = Registry(handlers={"osteo": handler})
     replies = serve(registry, [{"id": "a"}, {"id": "big"}, {"id": "c"}], max_batch=3)
     assert [reply["result"] for reply in replies] == ["ok", "fail", "ok"]

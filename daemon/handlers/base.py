@@ -15,7 +15,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from daemon.errors import (FILE_NOT_FOUND, IMAGE_TOO_LARGE, INVALID_REQUEST, PAT
 from daemon.outputs import is_within, output_stem, prepare_destination, timestamp
 from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
+from tasks.bundle import Builder, Bundle, load_bundle
+from tasks.cards import CARD_FILE
 
 MIN_IMAGE_SIDE = 32
 # fp16: float16 autocast on CUDA (float32 on CPU); fp32: never autocast. fp32 is the default: on an
@@ -73,7 +75,7 @@ class Job:
 
 
 class TaskHandler:
-    """Base class: owns the card, the fold networks and the reply's shape."""
+    """Base class: owns the card, its bundle of fold networks and the reply's shape."""
 
     task: ClassVar[str] = ""
     # Request fields a task accepts beyond ``task`` and ``id``.
@@ -83,36 +85,44 @@ class TaskHandler:
     # The image-kind gate (daemon.kind_gate.KindGate) the registry hands every handler; None: no gate.
     kind_gate: Any = None
 
-    def __init__(self, card: dict[str, Any], networks: list[torch.nn.Module], settings: Settings,
-                 source: str) -> None:
+    # How the card's networks are built: one builder for a one-model card, or {model: builder}
+    # (tasks.bundle); ``required_models``: the models a card of this task must have.
+    builders: ClassVar[Builder | Mapping[str, Builder] | None] = None
+    required_models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, card: dict[str, Any], bundle: Bundle, settings: Settings, source: str) -> None:
         self.card = card
-        self.networks = networks
+        self.bundle = bundle
         self.settings = settings
         self.source = source
 
-    @staticmethod
-    def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
-        """An untrained network from the card's ``architecture`` record (the task module's builder)."""
-        raise NotImplementedError
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        """The fold networks of a one-model card (``self.bundle[model]`` for a card with several)."""
+        return self.bundle.only()
 
     @classmethod
-    def prepare_network(cls, network: torch.nn.Module) -> None:
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         """Hook run on each loaded network (e.g. freeze what Grad-CAM does not need)."""
 
     @classmethod
-    def build_networks(cls, card: dict[str, Any], entries: list[dict[str, Any]],
-                       state_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> list[Any]:
-        """Build the networks of the chosen fold ``entries`` (card records, aligned with
-        ``state_dicts``) and load their weights strictly. By default one ``build_network`` per
-        fold; a task with several models per fold (scar) overrides this."""
-        networks = []
-        for state in state_dicts:
-            network = cls.build_network(card["architecture"])
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            cls.prepare_network(network)
-            networks.append(network)
-        return networks
+    def check_bundle(cls, bundle: Bundle) -> None:
+        """Hook: raise CardError when the loaded card cannot serve this task (e.g. scar's scalers)."""
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings) -> "TaskHandler":
+        """The handler of the card in ``folder``: its networks (sha256 checked, ``--fold`` applied) on the
+        handler's device, prepared and checked."""
+        bundle = load_bundle(folder, cls.builders, settings.device, settings.fold, required=cls.required_models)
+        return cls.from_bundle(bundle, settings, str(Path(folder) / CARD_FILE))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, settings: Settings, source: str) -> "TaskHandler":
+        for model, networks in bundle.networks.items():
+            for network in networks:
+                cls.prepare_network(model, network)
+        cls.check_bundle(bundle)
+        return cls(bundle.card, bundle, settings, source)
 
     @property
     def model_info(self) -> dict[str, Any]:

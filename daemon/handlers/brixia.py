@@ -33,22 +33,13 @@ from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import brixia, brixia_orient, quality, uncertainty
 from tasks.brixia_film import QUALITY_LABELS, film_problem, quality_measures
-from tasks.cards import CardError
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
 ALIGNMENTS = ("auto", "masks", "none")
 STRUCTURE_COLOURS = {"right_lung": (40, 140, 255), "left_lung": (60, 220, 90), "heart": (255, 60, 60)}
 SCORE_COLOURS = [(120, 200, 120), (255, 220, 0), (255, 140, 0), (230, 30, 30)]   # 0..3
-MODELS = ("seg", "stn", "orient", "score")
 REGION_NAMES = {"A": "upper right", "B": "middle right", "C": "lower right",
                 "D": "upper left", "E": "middle left", "F": "lower left"}
-
-
-@dataclass
-class FoldModel:
-    model: str                       # seg, stn or score
-    fold: int
-    network: torch.nn.Module
 
 
 @dataclass
@@ -77,31 +68,14 @@ class BrixiaHandler(TaskHandler):
     task = "brixia"
     fields = frozenset({"img_path", "destination_path", "alignment", "cams"})
 
-    @classmethod
-    def build_networks(cls, card, entries, state_dicts, device):
-        builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
-                    "score": brixia.build_scorer}
-        fold_models = []
-        for entry, state in zip(entries, state_dicts):
-            model = entry.get("model")
-            if model not in builders:
-                raise CardError(f"brixia fold entry {entry['file']} needs 'model': one of {', '.join(MODELS)}")
-            record = (card.get("architecture") or {}).get(model)
-            if not record:
-                raise CardError(f"the brixia card lists {entry['file']} as {model} but has no architecture.{model}")
-            network = builders[model](record)
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            for parameter in network.parameters():
-                parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
-            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network))
-        for needed in ("seg", "score"):
-            if not any(f.model == needed for f in fold_models):
-                raise CardError(f"the brixia card has no {needed} model")
-        return fold_models
+    builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
+                "score": brixia.build_scorer}
+    required_models = ("seg", "score")
 
-    def of(self, model: str) -> list[torch.nn.Module]:
-        return [fold.network for fold in self.networks if fold.model == model]
+    @classmethod
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
 
     def warm_up(self) -> None:
         size = int(self.card["input"]["size"][0])
@@ -136,14 +110,14 @@ class BrixiaHandler(TaskHandler):
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
         with torch.inference_mode(), self.autocast():
-            probabilities = brixia.segment(self.of("seg"), inputs).cpu().numpy()
-            poses = brixia_orient.pose_probabilities(self.of("orient"), inputs).cpu().numpy() \
-                if check_film and self.of("orient") else None
+            probabilities = brixia.segment(self.bundle["seg"], inputs).cpu().numpy()
+            poses = brixia_orient.pose_probabilities(self.bundle["orient"], inputs).cpu().numpy() \
+                if check_film and self.bundle["orient"] else None
         masks = [brixia.clean_masks(p) for p in probabilities]
         aligned = [None] * len(batch)
         for method in {item.alignment for item in batch}:
             rows = [k for k, item in enumerate(batch) if item.alignment == method]
-            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.of("stn"), device, method)):
+            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.bundle["stn"], device, method)):
                 aligned[k] = result
         results: list[Inferred | ServiceError | None] = [None] * len(batch)
         samples, keep = [], []
@@ -182,7 +156,7 @@ class BrixiaHandler(TaskHandler):
         """Mean probabilities (B, 6, 4) over the scorer folds, each fold's (folds, B, 6, 4) and, when
         asked, Grad-CAM (B, 6, S, S)."""
         features, logits = [], []
-        for network in self.of("score"):
+        for network in self.bundle["score"]:
             with torch.inference_mode(), self.autocast():
                 trunk = network.features(inputs["image"])
             with torch.enable_grad(), self.autocast():

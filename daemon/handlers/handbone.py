@@ -51,7 +51,7 @@ class HandboneHandler(TaskHandler):
     task = "handbone"
     fields = frozenset({"img_path", "destination_path", "threshold", "tta"})
 
-    build_network = staticmethod(handbone.build_network)
+    builders = staticmethod(handbone.build_network)
 
     def warm_up(self) -> None:
         size = int(self.card["input"]["size"][0])

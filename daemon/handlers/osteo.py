@@ -44,10 +44,10 @@ class OsteoHandler(TaskHandler):
     fields = frozenset({"img_path", "destination_path", "explain"})
     leading_fields = ("diagnosis", "saliency_img_path", "overlay_img_path")
 
-    build_network = staticmethod(osteo.build_network)
+    builders = staticmethod(osteo.build_network)
 
     @classmethod
-    def prepare_network(cls, network: torch.nn.Module) -> None:
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         explain.freeze_for_cam(network, osteo.explain_target_layer(network))
 
     def warm_up(self) -> None:

@@ -26,6 +26,7 @@ from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
 from daemon.protocol import require_string
 from tasks import quality, scar, uncertainty
+from tasks.bundle import Bundle
 from tasks.cards import CardError
 from tasks.nets.late_fusion import ClinicalHeld
 
@@ -34,10 +35,8 @@ OVERLAY_ALPHA = 0.55  # heat map opacity where the CAM is 1; unexplained skin st
 
 @dataclass
 class FoldModel:
-    model: str                       # image, clinical or combined
-    fold: int
     network: torch.nn.Module
-    scaler: dict[str, list[float]] | None
+    scaler: dict[str, list[float]] | None   # the fold's clinical scaler (clinical and combined models)
 
 
 @dataclass
@@ -81,25 +80,22 @@ class ScarHandler(TaskHandler):
     task = "scar"
     fields = frozenset({"img_path", "clinical", "destination_path"})
 
+    builders = {model: functools.partial(scar.build_network, model) for model in scar.MODES}
+
     @classmethod
-    def build_networks(cls, card, entries, state_dicts, device):
-        names = card.get("input", {}).get("clinical_features") or []
-        fold_models = []
-        for entry, state in zip(entries, state_dicts):
-            model = entry.get("model")
-            if model not in scar.MODES:
-                raise CardError(f"scar fold entry {entry['file']} needs 'model': one of {', '.join(scar.MODES)}")
-            network = scar.build_network(model, card["architecture"][model])
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            scaler = entry.get("scaler")
-            if model != "clinical":
-                explain.freeze_for_cam(network, scar.explain_target_layer(network))
-            if model != "image" and (scaler is None or len(scaler["mean"]) != len(names) or not names):
-                raise CardError(f"scar {model} entry {entry['file']} needs a scaler over the card's "
-                                f"{len(names)} clinical_features")
-            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network, scaler))
-        return fold_models
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        if model != "clinical":
+            explain.freeze_for_cam(network, scar.explain_target_layer(network))
+
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        names = bundle.card.get("input", {}).get("clinical_features") or []
+        for model in ("clinical", "combined"):
+            for entry in bundle.entries.get(model, []):
+                scaler = entry.get("scaler")
+                if scaler is None or len(scaler["mean"]) != len(names) or not names:
+                    raise CardError(f"scar {model} entry {entry['file']} needs a scaler over the card's "
+                                    f"{len(names)} clinical_features")
 
     # --- card helpers ----------------------------------------------------------------------
     @property
@@ -107,11 +103,12 @@ class ScarHandler(TaskHandler):
         return list(self.card["input"].get("clinical_features") or [])
 
     def folds_of(self, mode: str) -> list[FoldModel]:
-        return [fold for fold in self.networks if fold.model == mode]
+        return [FoldModel(network, entry.get("scaler"))
+                for network, entry in zip(self.bundle[mode], self.bundle.entries.get(mode, []))]
 
     def warm_up(self) -> None:
         spec = self.card["input"].get("photo")
-        for mode in {fold.model for fold in self.networks}:
+        for mode in self.bundle.models:
             image = torch.zeros(3, *spec["size"]) if mode != "clinical" else None
             clinical = np.zeros(len(self.feature_names)) if mode != "image" else None
             self.infer([Prepared(mode, image, None, clinical)])
@@ -128,7 +125,7 @@ class ScarHandler(TaskHandler):
                                                 "or both")
         mode = "combined" if img_path and has_clinical else "image" if img_path else "clinical"
         if not self.folds_of(mode):
-            served = sorted({fold.model for fold in self.networks}, key=scar.MODES.index)
+            served = sorted(self.bundle.models, key=scar.MODES.index)
             raise ServiceError(MODEL_UNAVAILABLE, f"the scar card has no {mode} model (it serves: {', '.join(served)})")
         job.options["mode"] = mode
         job.options["img_path"] = img_path
