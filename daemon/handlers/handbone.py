@@ -53,14 +53,13 @@ class HandboneHandler(TaskHandler):
 
     builders = staticmethod(handbone.build_network)
 
-    def warm_up(self) -> None:
+    def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
         blank = np.zeros((size, size), np.uint8)
         tensor, geometry = handbone.preprocess(blank, self.card["input"])
-        self.infer([Prepared(tensor, geometry, blank, handbone.DEFAULT_THRESHOLD, False)])
+        return [Prepared(tensor, geometry, blank, handbone.DEFAULT_THRESHOLD, False)]
 
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = self.image_job(request)
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
         threshold = request.get("threshold", handbone.DEFAULT_THRESHOLD)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
@@ -68,7 +67,6 @@ class HandboneHandler(TaskHandler):
         if not isinstance(tta, bool):
             raise ServiceError(INVALID_REQUEST, f"'tta' must be true or false (got {tta!r})")
         job.options.update(threshold=float(threshold), tta=tta)
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         gray = self.read_request_image(job, color="gray")
@@ -78,12 +76,16 @@ class HandboneHandler(TaskHandler):
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
         thresholds = torch.tensor([item.threshold for item in batch], device=inputs.device).view(-1, 1, 1, 1)
-        total, fold_masks = None, []
-        with torch.inference_mode(), self.autocast():  # fold_probabilities casts logits to float32 before the sigmoid
+
+        def fold_sum() -> tuple[torch.Tensor, list[np.ndarray]]:
+            total, fold_masks = None, []
             for probabilities in handbone.fold_probabilities(self.networks, inputs, [item.tta for item in batch]):
                 total = probabilities if total is None else total + probabilities
                 fold_masks.append((probabilities > thresholds).cpu().numpy())
-        mean = (total / len(self.networks)).float().cpu().numpy()
+            return total, fold_masks
+
+        total, fold_masks = self.forward(fold_sum)
+        mean = (total / len(self.networks)).cpu().numpy()
         return [Inferred(mean[i], np.stack([inner_box(masks[i], item.geometry) for masks in fold_masks]))
                 for i, item in enumerate(batch)]
 

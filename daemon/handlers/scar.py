@@ -23,7 +23,7 @@ from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
+from daemon.outputs import output_stem, timestamp, write_png
 from daemon.protocol import require_string
 from tasks import quality, scar, uncertainty
 from tasks.bundle import Bundle
@@ -106,18 +106,21 @@ class ScarHandler(TaskHandler):
         return [FoldModel(network, entry.get("scaler"))
                 for network, entry in zip(self.bundle[mode], self.bundle.entries.get(mode, []))]
 
-    def warm_up(self) -> None:
+    def dummy_inputs(self) -> list[Prepared]:
         spec = self.card["input"].get("photo")
-        for mode in self.bundle.models:
-            image = torch.zeros(3, *spec["size"]) if mode != "clinical" else None
-            clinical = np.zeros(len(self.feature_names)) if mode != "image" else None
-            self.infer([Prepared(mode, image, None, clinical)])
+        return [Prepared(mode, torch.zeros(3, *spec["size"]) if mode != "clinical" else None, None,
+                         np.zeros(len(self.feature_names)) if mode != "image" else None)
+                for mode in self.bundle.models]
+
+    def warm_up(self) -> None:
+        super().warm_up()
         _lut("hot"), _lut("jet")  # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = super().validate(request)
-        img_path = require_string(request, "img_path", optional=True)
+    image_optional = True
+
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
+        img_path = job.options["img_path"]
         has_clinical = request.get("clinical") is not None
         if img_path is None and not has_clinical:
             raise ServiceError(INVALID_REQUEST, "a scar request needs 'img_path' (a photo of the scar), 'clinical' "
@@ -128,18 +131,11 @@ class ScarHandler(TaskHandler):
             served = sorted(self.bundle.models, key=scar.MODES.index)
             raise ServiceError(MODEL_UNAVAILABLE, f"the scar card has no {mode} model (it serves: {', '.join(served)})")
         job.options["mode"] = mode
-        job.options["img_path"] = img_path
         if has_clinical:
             try:
                 job.options["clinical"] = scar.clinical_vector(request["clinical"], self.feature_names)
             except scar.ClinicalFeatureError as exc:
                 raise ServiceError(INVALID_REQUEST, str(exc)) from None
-        if img_path is not None or job.options["dicom"] is not None:  # files to write: a photo's maps, DICOM
-            destination = require_string(request, "destination_path")
-            job.options["folder"] = prepare_destination(destination, self.settings.output_root)
-        else:
-            require_string(request, "destination_path", optional=True)  # accepted, unused: no files without a photo
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         photo = image = None
@@ -165,9 +161,9 @@ class ScarHandler(TaskHandler):
         raw = np.stack([item.clinical for item in items]) if mode != "image" else None
         clinical = [torch.from_numpy(scar.standardise(raw, fold.scaler)).to(device) if raw is not None else None
                     for fold in folds]
-        with torch.inference_mode(), self.autocast():
-            outputs = [fold.network(*[x for x in (images, rows) if x is not None]) for fold, rows in zip(folds, clinical)]
-        fold_probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs])
+        outputs = [self.forward(fold.network, *[x for x in (images, rows) if x is not None])
+                   for fold, rows in zip(folds, clinical)]
+        fold_probabilities = torch.stack([torch.softmax(out, dim=1) for out in outputs])
         probabilities = fold_probabilities.mean(0).cpu().numpy().astype(np.float64)
         fold_probabilities = fold_probabilities.cpu().numpy().astype(np.float64)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -176,8 +172,7 @@ class ScarHandler(TaskHandler):
         if images is not None:
             networks = [fold.network if mode == "image" else ClinicalHeld(fold.network, rows)
                         for fold, rows in zip(folds, clinical)]
-            with self.autocast():
-                cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
+            cams = list(self.forward(explain.grad_cam, networks, scar.explain_target_layer, images, severity, grad=True))
         return [Inferred(probabilities[i], int(severity[i]), cams[i], fold_probabilities[:, i]) for i in range(len(items))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
