@@ -16,6 +16,7 @@ it would be a number without meaning.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler, raised
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import brixia, brixia_orient, quality, uncertainty
+from tasks.bundle import Bundle
 from tasks.brixia_film import QUALITY_LABELS, film_problem, quality_measures
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
@@ -77,6 +79,15 @@ class BrixiaHandler(TaskHandler):
     def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         for parameter in network.parameters():
             parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
+
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        brixia.alignment_limits(bundle.card.get("output"))   # a malformed record fails the card at load
+
+    @functools.cached_property
+    def alignment_limits(self) -> brixia.AlignmentLimits:
+        """The card's canonical box and what the mask-derived alignment trusts (defaults for older cards)."""
+        return brixia.alignment_limits(self.card.get("output"))
 
     def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
@@ -129,7 +140,8 @@ class BrixiaHandler(TaskHandler):
         aligned = [None] * len(batch)
         for method in {item.alignment for item in batch}:
             rows = [k for k, item in enumerate(batch) if item.alignment == method]
-            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.bundle["stn"], device, method)):
+            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.bundle["stn"], device, method,
+                                                          self.alignment_limits)):
                 aligned[k] = result
         results: list[Inferred | BaseException | None] = [None] * len(batch)
         samples, keep = [], []

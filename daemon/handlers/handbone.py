@@ -1,7 +1,8 @@
 """Hand-bone handler: hand X-ray -> 29 bone masks at the input's size, colour overlay, RLE CSV, polygons JSON, areas.
 
-Request: ``img_path``, ``destination_path``, optional ``threshold`` (0..1, default 0.5) and
-``tta`` (bool: also average a horizontally flipped pass). Any size and aspect ratio is served:
+Request: ``img_path``, ``destination_path``, optional ``threshold`` (0..1, default the card's
+``output.threshold``, else 0.5) and ``tta`` (bool: also average a horizontally flipped pass).
+Any size and aspect ratio is served:
 ``tasks.handbone.preprocess`` fits the image into the card's model frame (letterbox or resize,
 as the card's input record says) and every output is mapped back through the same geometry.
 
@@ -30,6 +31,8 @@ from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import handbone, quality, uncertainty
+from tasks.bundle import Bundle
+from tasks.cards import CardError
 
 
 @dataclass
@@ -53,14 +56,26 @@ class HandboneHandler(TaskHandler):
 
     builders = staticmethod(handbone.build_network)
 
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        threshold = (bundle.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise CardError(f"output.threshold must be a number from 0 to 1 (got {threshold!r})")
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold of a request that names none: the card's ``output.threshold`` (what its trainer
+        validated with), else 0.5."""
+        return float((self.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD))
+
     def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
         blank = np.zeros((size, size), np.uint8)
         tensor, geometry = handbone.preprocess(blank, self.card["input"])
-        return [Prepared(tensor, geometry, blank, handbone.DEFAULT_THRESHOLD, False)]
+        return [Prepared(tensor, geometry, blank, self.default_threshold, False)]
 
     def validate_options(self, request: dict[str, Any], job: Job) -> None:
-        threshold = request.get("threshold", handbone.DEFAULT_THRESHOLD)
+        threshold = request.get("threshold", self.default_threshold)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
         tta = request.get("tta", False)
