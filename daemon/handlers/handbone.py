@@ -59,7 +59,7 @@ class HandboneHandler(TaskHandler):
     @classmethod
     def check_bundle(cls, bundle: Bundle) -> None:
         threshold = (bundle.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        if not is_fraction(threshold):
             raise CardError(f"output.threshold must be a number from 0 to 1 (got {threshold!r})")
 
     @property
@@ -76,7 +76,7 @@ class HandboneHandler(TaskHandler):
 
     def validate_options(self, request: dict[str, Any], job: Job) -> None:
         threshold = request.get("threshold", self.default_threshold)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        if not is_fraction(threshold):
             raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
         tta = request.get("tta", False)
         if not isinstance(tta, bool):
@@ -147,6 +147,11 @@ class HandboneHandler(TaskHandler):
         measures = handbone.quality_measures(frame_masks, geometry, classes,
                                              float(record["parameters"]["min_piece_fraction"]))
         return quality.assess(measures, record, handbone.quality_labels(classes))
+
+
+def is_fraction(value: Any) -> bool:
+    """A number from 0 to 1 (JSON's true/false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 # SNOMED CT codes pydicom knows for a class; every other bone (fingers, carpals) is coded as "Bone".
