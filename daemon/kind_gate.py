@@ -19,8 +19,8 @@ import torch
 
 from daemon.errors import WRONG_IMAGE_KIND, ServiceError
 from tasks import cards, kind
+from tasks.bundle import load_bundle
 from tasks.imaging import DecodedImage
-from tasks.weights import load_state_dict
 
 _CPU = torch.device("cpu")
 
@@ -61,16 +61,8 @@ class KindGate:
     def load(cls, folder: Path) -> "KindGate":
         """Read, verify (sha256) and build the kind card in ``folder``. All its folds serve, whatever
         ``--fold`` says of the tasks: the card's threshold was chosen for their mean."""
-        card = cards.read_card(folder)
-        if card["task"] != kind.TASK:
-            raise cards.CardError(f"{folder} holds a {card['task']!r} card, not a kind card")
-        cards.verify_folds(folder, card)
-        networks = []
-        for path in cards.fold_paths(folder, card):
-            network = kind.build_network(card["architecture"])
-            network.load_state_dict(load_state_dict(path), strict=True)
-            networks.append(network.eval().to(_CPU))
-        gate = cls(card, networks, source=str(Path(folder) / cards.CARD_FILE))
+        bundle = load_bundle(folder, kind.build_network, _CPU, task=kind.TASK)
+        gate = cls(bundle.card, bundle.only(), source=str(Path(folder) / cards.CARD_FILE))
         gate.probabilities(np.zeros((64, 64), np.uint8))  # first-call allocations now, not on a request
         return gate
 

@@ -26,8 +26,30 @@ def is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def prepare_destination(destination: str, output_root: Path | None) -> Path:
-    """Resolve, confine and create the destination folder; returns its absolute real path.
+class Destination:
+    """A request's destination folder: checked when the request is accepted, created only when its first
+    file is written, so a request that fails leaves no empty folder behind."""
+
+    def __init__(self, destination: str, output_root: Path | None) -> None:
+        self.destination = destination
+        self.path = check_destination(destination, output_root)
+
+    def ready(self) -> Path:
+        """The folder, created (with its parents) if it does not exist yet."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {self.destination[:200]!r}: "
+                                                 f"{exc.strerror}") from None
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise ServiceError(INVALID_REQUEST, f"cannot create destination_path {self.destination[:200]!r}: "
+                                                f"{exc.strerror}") from None
+        return self.path
+
+
+def check_destination(destination: str, output_root: Path | None) -> Path:
+    """Resolve and confine the destination folder, and check that it can be written (or created),
+    without creating anything; returns its absolute real path.
 
     With ``output_root`` set, the folder must lie inside it after resolving ``..`` and symlinks.
     """
@@ -36,17 +58,32 @@ def prepare_destination(destination: str, output_root: Path | None) -> Path:
         raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is outside the output root "
                                              f"{str(output_root)!r}")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise ServiceError(INVALID_REQUEST, f"destination_path {destination[:200]!r} exists and is not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-    except PermissionError as exc:
-        raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {destination[:200]!r}: "
-                                             f"{exc.strerror}") from None
+        return _writable_folder(folder, destination)
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise ServiceError(INVALID_REQUEST, f"cannot create destination_path {destination[:200]!r}: "
                                             f"{exc.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is not writable")
+
+
+def _writable_folder(folder: Path, destination: str) -> Path:
+    """``folder`` when it is a writable folder or mkdir could make it one; ServiceError saying why not."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise ServiceError(INVALID_REQUEST, f"destination_path {destination[:200]!r} exists and is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ServiceError(PATH_NOT_ALLOWED, f"destination_path {destination!r} is not writable")
+        return folder
+    # What mkdir would meet, found now: the nearest existing ancestor, and names too long for the file system.
+    ancestor = folder.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ServiceError(PATH_NOT_ALLOWED, f"cannot create destination_path {destination[:200]!r}: "
+                                             f"{os.strerror(errno.EACCES)}")
+    limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > limit for part in folder.relative_to(ancestor).parts):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
     return folder
 
 
@@ -89,8 +126,11 @@ def _link_without_overwrite(tmp: str, folder: Path, stem: str, ext: str) -> Path
     raise ServiceError(INTERNAL, f"no free output name for {stem}{ext} after {MAX_SUFFIX} tries")
 
 
-def write_bytes(folder: Path, stem: str, ext: str, data: bytes) -> Path:
-    """Write ``data`` atomically under a new name in ``folder``; returns the absolute final path."""
+def write_bytes(folder: Path | Destination, stem: str, ext: str, data: bytes) -> Path:
+    """Write ``data`` atomically under a new name in ``folder`` (a request's Destination is created
+    now, by its first file); returns the absolute final path."""
+    if isinstance(folder, Destination):
+        folder = folder.ready()
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem[:40]}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -118,6 +158,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def write_png(folder: Path, stem: str, image: np.ndarray) -> Path:
+def write_png(folder: Path | Destination, stem: str, image: np.ndarray) -> Path:
     """Encode and atomically write a PNG; returns its absolute path."""
     return write_bytes(folder, stem, ".png", encode_png(image))

@@ -21,7 +21,7 @@ from daemon.handlers.base import Settings, TaskHandler
 from daemon.kind_gate import KindGate
 from daemon.protocol import TASKS
 from tasks import cards, kind, osteo
-from tasks.weights import load_state_dict
+from tasks.bundle import build_bundle
 
 log = logging.getLogger("daemon.registry")
 
@@ -54,7 +54,7 @@ class Registry:
         for task, handler in self.handlers.items():
             summary = cards.card_summary(handler.card)
             summary["source"] = handler.source
-            summary["folds_used"] = len(handler.networks)
+            summary["folds_used"] = handler.bundle.folds_used()
             listing.append(summary)
         if self.kind_gate is not None:
             listing.append(self.kind_gate.summary())
@@ -72,37 +72,11 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def _select_folds(card: dict[str, Any], fold: int | None) -> list[int]:
-    """Indices of the card's fold entries to load: all (ensemble) or those of ``--fold``.
-
-    An entry's fold number is its ``fold`` field (a card with several models per fold, like
-    scar's image/clinical/combined, has several entries per fold), else its position. Entries
-    marked ``shared`` (brixia's segmenter and STN, trained in their own folds) serve every fold
-    and are always loaded.
-    """
-    numbers = [entry.get("fold", index) for index, entry in enumerate(card["folds"])]
-    if fold is None:
-        return list(range(len(numbers)))
-    shared = [index for index, entry in enumerate(card["folds"]) if entry.get("shared")]
-    chosen = [index for index, number in enumerate(numbers) if number == fold and index not in shared]
-    if not chosen:
-        own = sorted({number for index, number in enumerate(numbers) if index not in shared})
-        raise cards.CardError(f"--fold {fold} asked for, but the card has folds {own}")
-    return sorted(shared + chosen)
-
-
 def _load_card_folder(folder: Path, settings: Settings) -> TaskHandler:
-    card = cards.read_card(folder)
-    task = card["task"]
+    task = cards.read_card(folder)["task"]
     if task not in HANDLERS:
         raise cards.CardError(f"this daemon version has no handler for task {task!r}")
-    cards.verify_folds(folder, card)
-    chosen = _select_folds(card, settings.fold)
-    paths = cards.fold_paths(folder, card)
-    state_dicts = [load_state_dict(paths[i]) for i in chosen]
-    cls = handler_class(task)
-    networks = cls.build_networks(card, [card["folds"][i] for i in chosen], state_dicts, settings.device)
-    handler = cls(card, networks, settings, source=str(folder / cards.CARD_FILE))
+    handler = handler_class(task).load(folder, settings)
     handler.warm_up()
     return handler
 
@@ -120,8 +94,8 @@ def _load_seed_checkpoint(path: Path, settings: Settings) -> TaskHandler:
         "data": {"source": "original seed checkpoint, imported at start-up", **notes},
     }
     cls = handler_class("osteo")
-    networks = cls.build_networks(card, card["folds"], [state], settings.device)
-    handler = cls(card, networks, settings, source=str(path))
+    bundle = build_bundle(card, card["folds"], [state], cls.builders, settings.device)
+    handler = cls.from_bundle(bundle, settings, source=str(path))
     handler.warm_up()
     return handler
 
@@ -170,8 +144,8 @@ def load_registry(weights: Path, settings: Settings, tasks: list[str] | None = N
         if handler.task in registry.handlers:
             log.warning("two cards for task %s; keeping %s", handler.task, registry.handlers[handler.task].source)
             continue
-        log.info("loaded %s (%s, %d fold(s)) from %s", handler.task, handler.card["name"],
-                 len(handler.networks), folder)
+        log.info("loaded %s (%s, fold networks %s) from %s", handler.task, handler.card["name"],
+                 handler.bundle.folds_used(), folder)
         registry.handlers[handler.task] = handler
     for task in (wanted if wanted is not None else ()):
         if task not in registry.handlers and task not in registry.unavailable:

@@ -405,14 +405,21 @@ class Server:
         A batch that fails is retried one request at a time, so only the request that cannot be
         served alone gets a fail reply. When the batch ran out of memory, garbage is collected and
         the CUDA cache emptied first, and later batches of that task are capped at half the size.
+        An item of a batch that raised its own error gets it as its reply when it is a ServiceError
+        (the request's own refusal, e.g. brixia's film check); any other error of one item is retried
+        alone like a failed batch.
         """
         by_task: dict[str, list[Entry]] = {}
         for entry in entries:
             by_task.setdefault(entry.job.task, []).append(entry)
         for task, group in by_task.items():
             handler = self.registry.handlers[task]
-            failure = self._try_infer(handler, group)
+            failure, retry = self._try_infer(handler, group)
             if failure is None:
+                for entry in retry:
+                    failure, _ = self._try_infer(handler, [entry])
+                    if failure is not None:
+                        self._fail(entry, failure, task, entry.job.request)
                 continue
             if len(group) == 1:
                 self._fail(group[0], failure, task, group[0].job.request)
@@ -425,16 +432,23 @@ class Server:
                                 len(group), task, task, cap)
             log.warning("batch of %d %s requests failed; retrying one by one", len(group), task)
             for entry in group:  # isolate the request that breaks the batch
-                failure = self._try_infer(handler, [entry])
+                failure, _ = self._try_infer(handler, [entry])
                 if failure is not None:
                     self._fail(entry, failure, task, entry.job.request)
 
-    def _try_infer(self, handler: Any, group: list[Entry]) -> ServiceError | None:
+    def _try_infer(self, handler: Any, group: list[Entry]) -> tuple[ServiceError | None, list[Entry]]:
         """Run ``handler.infer`` on ``group``; on failure return the error to reply with, after
         releasing memory when it was an allocation failure. The exception (whose traceback holds
-        the failed call's tensors) is dropped before returning, so a retry gets that memory back."""
+        the failed call's tensors) is dropped before returning, so a retry gets that memory back.
+
+        On success, items whose result is an exception are failed here: a ServiceError is that
+        request's reply; another error, in a batch of several, returns the item to be retried alone
+        (the second value); alone, it is that request's ``internal`` (or out-of-memory) reply."""
+        retry: list[Entry] = []
         try:
             results = handler.infer([entry.prepared for entry in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"{handler.task} infer returned {len(results)} results for {len(group)} requests")
         except ServiceError as exc:
             error = ServiceError(exc.code, exc.message)
         except Exception as exc:
@@ -442,11 +456,23 @@ class Server:
             error = self._error_for(exc, label, "inferring", handler.settings.device)
         else:
             for entry, result in zip(group, results):
-                entry.inferred = result
-            return None
+                if isinstance(result, ServiceError):
+                    self._fail(entry, ServiceError(result.code, result.message), entry.job.task, entry.job.request)
+                elif isinstance(result, BaseException) and len(group) > 1:
+                    log.warning("one request of a batch of %d %s requests failed (%s); retrying it alone",
+                                len(group), handler.task, type(result).__name__)
+                    retry.append(entry)
+                elif isinstance(result, BaseException):
+                    error = self._error_for(result, _label(entry.job.request), "inferring", handler.settings.device)
+                    if isinstance(error, OutOfMemory):
+                        release_memory(handler.settings.device)
+                    self._fail(entry, error, entry.job.task, entry.job.request)
+                else:
+                    entry.inferred = result
+            return None, retry
         if isinstance(error, OutOfMemory):
             release_memory(handler.settings.device)
-        return error
+        return error, retry
 
     def _finish(self, entry: Entry) -> None:
         handler = self.registry.handlers[entry.job.task]

@@ -24,6 +24,7 @@ unaligned model frame it is sampled from.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.cards import CardError
 from tasks.frames import FITS, Geometry, fit_to_model  # noqa: F401  (FITS: the choices a trainer offers)
 from tasks.intensity import apply_intensity, default_intensity
 from tasks.nets.smp_models import create_smp
@@ -50,6 +52,46 @@ CANONICAL_BOX = (-0.8, -0.8, 0.8, 0.8)
 MIN_LUNG_FRACTION = 0.002             # a lung mask smaller than this share of the frame is "not found"
 MAX_TILT_DEG = 35.0                   # a mask-derived rotation beyond this is distrusted
 STN_AGREEMENT = 0.8                   # box IoU an STN theta needs with the mask-derived one to be used
+
+
+@dataclass(frozen=True)
+class AlignmentLimits:
+    """Where the alignment puts the lungs and what it trusts: the card's ``output.canonical_box`` and
+    ``output.alignment_limits`` (``min_lung_fraction``, ``max_tilt_deg``, ``stn_agreement``) when it
+    records them, these defaults otherwise (cards from before they were recorded)."""
+    canonical_box: tuple[float, float, float, float] = CANONICAL_BOX
+    min_lung_fraction: float = MIN_LUNG_FRACTION
+    max_tilt_deg: float = MAX_TILT_DEG
+    stn_agreement: float = STN_AGREEMENT
+
+
+DEFAULT_ALIGNMENT = AlignmentLimits()
+
+
+def alignment_limits(output: dict[str, Any] | None) -> AlignmentLimits:
+    """The alignment limits a card's ``output`` record holds (defaults for what it lacks); CardError
+    naming the field when one is malformed."""
+    output = output or {}
+    box = output.get("canonical_box", CANONICAL_BOX)
+    if (not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box)
+            or not (box[0] < box[2] and box[1] < box[3])):
+        raise CardError(f"output.canonical_box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1 (got {box!r})")
+    record = output.get("alignment_limits") or {}
+    if not isinstance(record, dict):
+        raise CardError(f"output.alignment_limits must be an object (got {record!r})")
+    unknown = set(record) - {"min_lung_fraction", "max_tilt_deg", "stn_agreement"}
+    if unknown:
+        raise CardError(f"output.alignment_limits has unknown fields {sorted(unknown)}")
+    ranges = {"min_lung_fraction": (0.0, 1.0), "max_tilt_deg": (0.0, 90.0), "stn_agreement": (0.0, 1.0)}
+    for name, value in record.items():
+        low, high = ranges[name]
+        if not _is_number(value) or not low <= value <= high:
+            raise CardError(f"output.alignment_limits.{name} must be a number from {low} to {high} (got {value!r})")
+    return AlignmentLimits(tuple(float(v) for v in box), **{name: float(value) for name, value in record.items()})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------- metadata (BrixIA CSV)
@@ -250,22 +292,24 @@ def _normalised_points(mask: np.ndarray) -> np.ndarray:
     return np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=1).astype(np.float64)
 
 
-def mask_theta(right_lung: np.ndarray, left_lung: np.ndarray) -> np.ndarray | None:
+def mask_theta(right_lung: np.ndarray, left_lung: np.ndarray,
+               limits: AlignmentLimits = DEFAULT_ALIGNMENT) -> np.ndarray | None:
     """The deterministic alignment from two lung masks, or None when they cannot be trusted.
 
     Rotation: the line through the two lung centroids becomes horizontal. Scale and shift: the
     lungs' joint extent in that rotated frame (0.5th-99.5th percentile, so a stray pixel does
-    not stretch it) is mapped onto ``CANONICAL_BOX``. Returns ``theta`` (2, 3) float32.
+    not stretch it) is mapped onto the canonical box. ``limits``: that box, the least lung area and the
+    largest tilt trusted (the card's, ``alignment_limits``). Returns ``theta`` (2, 3) float32.
     """
     area = right_lung.size
-    if right_lung.sum() < MIN_LUNG_FRACTION * area or left_lung.sum() < MIN_LUNG_FRACTION * area:
+    if right_lung.sum() < limits.min_lung_fraction * area or left_lung.sum() < limits.min_lung_fraction * area:
         return None
     right, left = _normalised_points(right_lung), _normalised_points(left_lung)
     dx, dy = left.mean(axis=0) - right.mean(axis=0)
     if dx <= 0:
         return None                                  # the "right" lung is not on the image's left
     angle = math.atan2(dy, dx)
-    if abs(math.degrees(angle)) > MAX_TILT_DEG:
+    if abs(math.degrees(angle)) > limits.max_tilt_deg:
         return None
     cos, sin = math.cos(angle), math.sin(angle)
     rotate_back = np.array([[cos, sin], [-sin, cos]])        # R(-angle): image -> upright
@@ -273,7 +317,7 @@ def mask_theta(right_lung: np.ndarray, left_lung: np.ndarray) -> np.ndarray | No
     (x0, y0), (x1, y1) = np.percentile(upright, 0.5, axis=0), np.percentile(upright, 99.5, axis=0)
     if x1 - x0 < 1e-3 or y1 - y0 < 1e-3:
         return None
-    bx0, by0, bx1, by1 = CANONICAL_BOX
+    bx0, by0, bx1, by1 = limits.canonical_box
     sx, sy = (x1 - x0) / (bx1 - bx0), (y1 - y0) / (by1 - by0)
     scale_shift = np.array([[sx, 0.0, x0 - bx0 * sx], [0.0, sy, y0 - by0 * sy]])
     rotate = np.array([[cos, -sin], [sin, cos]])              # R(angle): upright -> image
@@ -345,16 +389,16 @@ def stn_input(masks: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(lungs, size=(size, size), mode="area")[0]
 
 
-def box_corners(theta: np.ndarray) -> np.ndarray:
-    """Where the corners of ``CANONICAL_BOX`` land in the unaligned frame under ``theta`` (4, 2)."""
-    x0, y0, x1, y1 = CANONICAL_BOX
+def box_corners(theta: np.ndarray, box: Sequence[float] = CANONICAL_BOX) -> np.ndarray:
+    """Where the corners of the canonical ``box`` land in the unaligned frame under ``theta`` (4, 2)."""
+    x0, y0, x1, y1 = box
     corners = np.array([[x0, y0, 1], [x1, y0, 1], [x1, y1, 1], [x0, y1, 1]], dtype=np.float64)
     return corners @ np.asarray(theta, dtype=np.float64).T
 
 
-def box_iou(theta_a: np.ndarray, theta_b: np.ndarray) -> float:
-    """IoU of the canonical box as two thetas place it (1 = the same alignment)."""
-    a, b = box_corners(theta_a).astype(np.float32), box_corners(theta_b).astype(np.float32)
+def box_iou(theta_a: np.ndarray, theta_b: np.ndarray, box: Sequence[float] = CANONICAL_BOX) -> float:
+    """IoU of the canonical ``box`` as two thetas place it (1 = the same alignment)."""
+    a, b = box_corners(theta_a, box).astype(np.float32), box_corners(theta_b, box).astype(np.float32)
     inter, _ = cv2.intersectConvexConvex(a, b)
     union = cv2.contourArea(a) + cv2.contourArea(b) - inter
     return float(inter / union) if union > 0 else 0.0
@@ -553,11 +597,11 @@ class RegionLoss(nn.Module):
 # ---------------------------------------------------------------- the whole pipeline on a batch
 
 def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, device: torch.device,
-                method: str = "auto") -> list[tuple[np.ndarray, str]]:
+                method: str = "auto", limits: AlignmentLimits = DEFAULT_ALIGNMENT) -> list[tuple[np.ndarray, str]]:
     """A theta and the method that gave it for each (3, S, S) mask set.
 
     ``auto``: the STN (mean theta over the card's STNs) when the card has one, its theta is
-    plausible and it agrees with the mask-derived affine (box IoU >= ``STN_AGREEMENT``: an STN
+    plausible and it agrees with the mask-derived affine (box IoU >= ``limits.stn_agreement``: an STN
     that has not learnt a film's pose must not misalign it), else the mask-derived affine, else
     the identity (lungs not found). ``masks``: the mask-derived affine. ``none``: identity.
     """
@@ -573,11 +617,11 @@ def align_batch(masks: Iterable[np.ndarray], stn: Sequence[nn.Module] | None, de
             thetas = torch.stack([network(inputs).float() for network in stn]).mean(0).cpu().numpy()
         stn_thetas = list(thetas)
     for k, mask in enumerate(masks):
-        from_masks = mask_theta(mask[0], mask[1])
+        from_masks = mask_theta(mask[0], mask[1], limits)
         if from_masks is None:
             results[k] = (identity_theta(), "identity")
         elif stn_thetas is not None and plausible_theta(stn_thetas[k]) \
-                and box_iou(stn_thetas[k], from_masks) >= STN_AGREEMENT:
+                and box_iou(stn_thetas[k], from_masks, limits.canonical_box) >= limits.stn_agreement:
             results[k] = (stn_thetas[k].astype(np.float32), "stn")
         else:
             results[k] = (from_masks, "masks")

@@ -30,6 +30,15 @@ def daemon():
     process.close()
 
 
+def test_op_models_counts_fold_networks_per_model_not_all_as_folds(daemon):
+    card = read_card(WEIGHTS / "brixia")
+    expected = {}
+    for entry in card["folds"]:
+        expected[entry["model"]] = expected.get(entry["model"], 0) + 1
+    (listed,) = [model for model in daemon.ask({"op": "models"})["models"] if model["task"] == "brixia"]
+    assert listed["folds_used"] == expected and "score" in expected and "seg" in expected
+
+
 def test_a_frontal_film_is_scored_and_its_mirror_image_is_refused(daemon, tmp_path):
     reply = daemon.ask({"task": "brixia", "img_path": str(EXAMPLE), "destination_path": str(tmp_path), "cams": False})
     assert reply["result"] == "ok", reply

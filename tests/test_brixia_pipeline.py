@@ -1,12 +1,19 @@
 """Brixia pipeline pieces on known inputs: score parsing, metadata, alignment, regions, STN start, scorer and loss."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
+from daemon.handlers.base import Settings
+from daemon.handlers.brixia import BrixiaHandler
 from tasks import brixia
+from tasks.cards import CardError
 from train.brixia_metrics import region_metrics
 from train.phantoms.brixia import write_brixia_phantoms
 
@@ -159,3 +166,41 @@ def test_an_stn_that_disagrees_with_the_lungs_is_not_used():
     assert method == "masks" and np.allclose(theta, brixia.mask_theta(posed[0], posed[1]))
     ((theta, method),) = brixia.align_batch([posed], identity_stn, torch.device("cpu"), method="none")
     assert method == "identity"
+
+
+def test_the_cards_alignment_limits_replace_the_defaults():
+    assert brixia.alignment_limits(None) == brixia.alignment_limits({"canonical_box": [-0.8, -0.8, 0.8, 0.8]}) \
+        == brixia.DEFAULT_ALIGNMENT
+    limits = brixia.alignment_limits({"canonical_box": [-0.7, -0.6, 0.7, 0.6],
+                                      "alignment_limits": {"max_tilt_deg": 10, "min_lung_fraction": 0.01}})
+    assert limits == brixia.AlignmentLimits((-0.7, -0.6, 0.7, 0.6), 0.01, 10.0, brixia.STN_AGREEMENT)
+    tilted = _lungs(angle=12)
+    assert brixia.mask_theta(tilted[0], tilted[1]) is not None and brixia.mask_theta(tilted[0], tilted[1], limits) is None
+    upright = _lungs()
+    aligned = brixia.warp_array(upright, brixia.mask_theta(upright[0], upright[1], limits), mode="nearest")
+    rows, cols = np.nonzero(aligned[0] | aligned[1])
+    assert abs(cols.min() - (1 - 0.7) / 2 * 128) <= 3 and abs(rows.min() - (1 - 0.6) / 2 * 128) <= 3   # the card's box
+    for bad in ({"alignment_limits": {"max_tilt_deg": "35"}}, {"alignment_limits": {"tilt": 3}},
+                {"canonical_box": [0.8, -0.8, -0.8, 0.8]}, {"alignment_limits": {"stn_agreement": 2}}):
+        with pytest.raises(CardError, match="output"):
+            brixia.alignment_limits(bad)
+
+
+def test_the_handler_aligns_with_the_cards_limits(tmp_path):
+    """The committed card with a lung-area floor no lung reaches: the example film is not aligned at all."""
+    folder = tmp_path / "brixia"
+    shutil.copytree(REPO / "weights" / "brixia", folder)
+    settings = Settings(device=torch.device("cpu"))
+
+    def alignment(handler):
+        job = handler.validate({"task": "brixia", "img_path": str(REPO / "examples" / "brixia_chest_333323.png"),
+                                "destination_path": str(tmp_path / "out"), "alignment": "masks", "cams": False})
+        prepared = handler.preprocess(job)
+        prepared.check_film = False   # what is asserted is the alignment, whatever the film check says
+        return handler.infer([prepared])[0].method
+
+    assert alignment(BrixiaHandler.load(folder, settings)) == "masks"
+    card = json.loads((folder / "card.json").read_text())
+    card["output"]["alignment_limits"] = {"min_lung_fraction": 0.9}
+    (folder / "card.json").write_text(json.dumps(card))
+    assert alignment(BrixiaHandler.load(folder, settings)) == "identity"

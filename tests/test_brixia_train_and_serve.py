@@ -16,8 +16,9 @@ from PIL import Image
 
 from conftest import REPO, Daemon
 from daemon.handlers.base import Settings
-from daemon.registry import _select_folds, load_registry
+from daemon.registry import load_registry
 from tasks import brixia
+from tasks.bundle import select_entries
 from tasks.cards import read_card, sha256_file, verify_folds
 from train import brixia as train_brixia
 from train import synthetic
@@ -86,11 +87,11 @@ def test_consensus_images_are_held_out_and_subjects_never_split(trained, phantom
 
 def test_fold_choice_keeps_the_shared_segmenter_and_stn(trained):
     card = read_card(trained)
-    chosen = [card["folds"][k] for k in _select_folds(card, 1)]
+    chosen = [card["folds"][k] for k in select_entries(card, 1)]
     assert [(f["model"], f["fold"]) for f in chosen] == [("seg", 0), ("seg", 1), ("stn", 0), ("stn", 1), ("score", 1)]
     registry = load_registry(trained.parent, Settings(device=torch.device("cpu"), fold=1), tasks=["brixia"])
     assert registry.unavailable == {}
-    assert [f.model for f in registry.handlers["brixia"].networks] == ["seg", "seg", "stn", "stn", "score"]
+    assert registry.handlers["brixia"].bundle.folds_used() == {"seg": 2, "stn": 2, "score": 1}
 
 
 @pytest.mark.slow
@@ -112,7 +113,7 @@ def test_score_stage_under_torchrun_with_two_cpu_processes(trained, phantoms, tm
     oof = sorted(int(row["index"]) for row in csv.DictReader(open(out / "oof_predictions.csv")))
     assert oof == list(range(16 - held_out))   # each training image validated exactly once
     registry = load_registry(out.parent, Settings(device=torch.device("cpu")), tasks=["brixia"])
-    assert registry.unavailable == {} and len(registry.handlers["brixia"].networks) == 6
+    assert registry.unavailable == {} and registry.handlers["brixia"].bundle.folds_used() == {"seg": 2, "stn": 2, "score": 2}
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import panoramic_phantom
-from daemon.handlers.base import Job, Settings, TaskHandler
+from daemon.errors import UNREADABLE_IMAGE, ServiceError
+from daemon.handlers.base import Job, Settings, TaskHandler, raised
 from daemon.registry import Registry, load_registry
 from daemon.server import Server, is_out_of_memory
+from tasks.bundle import Bundle
 
 CPU = torch.device("cpu")
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total capacity)"
@@ -189,7 +191,7 @@ def test_cuda_cache_is_emptied_before_the_retry(monkeypatch):
     emptied: list[int] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     card = {"name": "fake", "version": "0", "task": "osteo"}
-    handler = CudaHandler(card, [], replace(Settings(device=CPU), device=torch.device("cuda:0")), source="test")
+    handler = CudaHandler(card, Bundle(card), replace(Settings(device=CPU), device=torch.device("cuda:0")), source="test")
     registry = Registry(handlers={"osteo": handler})
     replies = serve(registry, [{"id": "a"}, {"id": "big"}, {"id": "c"}], max_batch=3)
     assert [reply["result"] for reply in replies] == ["ok", "fail", "ok"]
@@ -234,3 +236,38 @@ def test_an_idle_daemon_trims_its_heap_once_per_idle_spell(registry, images, tmp
         os.close(read_end)
     assert not thread.is_alive()
     assert [line.get("result") for line in out.lines()[1:]] == ["ok", "ok"]
+
+
+class PerItemHandler(TaskHandler):
+    """A handler whose items fail on their own: "refused" with its own error, "flaky" only inside a batch."""
+    task = "osteo"
+    fields = frozenset({"img_path", "destination_path"})
+    calls: list[list[str]] = []
+
+    def validate(self, request):
+        return Job(task=self.task, request=request)
+
+    def preprocess(self, job):
+        return job.request["id"]
+
+    def infer(self, batch):
+        self.calls.append(list(batch))
+        return [raised(self.refuse, item) or (RuntimeError("needs the GPU to itself")
+                                             if item == "flaky" and len(batch) > 1 else item) for item in batch]
+
+    @staticmethod
+    def refuse(item):
+        if item == "refused":
+            raise ServiceError(UNREADABLE_IMAGE, "not a frontal film")
+
+    def postprocess(self, job, prepared, inferred):
+        return {"diagnosis": "", "saliency_img_path": "", "overlay_img_path": "", "echo": inferred}
+
+
+def test_each_item_of_a_batch_fails_or_is_retried_on_its_own():
+    handler = PerItemHandler({"name": "fake", "version": "0", "task": "osteo"}, Bundle({}), Settings(device=CPU), "test")
+    replies = serve(Registry(handlers={"osteo": handler}), [{"id": i} for i in ("a", "refused", "flaky", "d")])
+    assert [reply["result"] for reply in replies] == ["ok", "fail", "ok", "ok"]
+    assert replies[1]["error"] == {"code": "unreadable_image", "message": "not a frontal film"}
+    assert [reply.get("echo") for reply in replies] == ["a", None, "flaky", "d"]
+    assert handler.calls == [["a", "refused", "flaky", "d"], ["flaky"]]   # only the item that failed in company is retried

@@ -186,6 +186,31 @@ def test_destination_that_is_a_file_is_invalid(daemon, inputs, tmp_path):
     assert reply["error"]["code"] == "invalid_request"
 
 
+def test_a_request_that_fails_leaves_no_destination_folder_behind(daemon, inputs, tmp_path):
+    failing = [{"img_path": str(tmp_path / "missing.png")}, {"img_path": str(inputs["truncated"])},
+               {"img_path": str(inputs["huge"])}, {"img_path": str(inputs["pano"]), "explain": "lime"}]
+    for k, fields in enumerate(failing):
+        destination = tmp_path / f"never{k}" / "deeper"
+        reply = daemon.ask({**fields, "destination_path": str(destination)})
+        assert reply["result"] == "fail", reply
+        assert not (tmp_path / f"never{k}").exists(), (fields, reply)
+    reply = daemon.ask(request(inputs, tmp_path / "made" / "deeper"))
+    assert reply["result"] == "ok" and Path(reply["overlay_img_path"]).parent == tmp_path / "made" / "deeper"
+
+
+def test_a_destination_under_a_file_or_a_read_only_folder_is_refused_before_any_work(daemon, inputs, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    reply = daemon.ask(request(inputs, blocker / "sub"))
+    assert reply["error"]["code"] == "invalid_request" and "Not a directory" in reply["error"]["message"], reply
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        reply = daemon.ask(request(inputs, locked / "sub"))
+        assert reply["error"]["code"] == "path_not_allowed", reply
+    assert daemon.ask(request(inputs, tmp_path / "fine"))["result"] == "ok"
+
+
 def test_models_lists_the_card(daemon):
     reply = daemon.ask({"op": "models", "id": "m"})
     assert reply["result"] == "ok" and reply["id"] == "m"

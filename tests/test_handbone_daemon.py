@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import Daemon
+from daemon.handlers.base import Settings
+from daemon.handlers.handbone import HandboneHandler
 from dicom_factory import write_dicom
 from tasks import cards, handbone
 from tasks.weights import save_state_dict
@@ -23,7 +25,7 @@ TINY_ARCHITECTURE = handbone.default_architecture("unet", "tu-mobilenetv3_small_
                                                   decoder_channels=[16, 16, 8])
 
 
-def write_tiny_handbone_card(folder: Path, folds: int = 2, size: int = 64) -> Path:
+def write_tiny_handbone_card(folder: Path, folds: int = 2, size: int = 64, output: dict | None = None) -> Path:
     """A randomly initialised tiny Unet handbone card (protocol tests, not accuracy)."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -36,6 +38,7 @@ def write_tiny_handbone_card(folder: Path, folds: int = 2, size: int = 64) -> Pa
         "task": "handbone", "name": "handbone-tiny-test", "version": "test", "demo": True,
         "architecture": TINY_ARCHITECTURE, "input": handbone.default_input_spec(size, "letterbox"),
         "labels": handbone.CLASSES, "folds": entries, "data": {"source": "random init for tests"},
+        **({"output": output} if output is not None else {}),
     })
     return folder
 
@@ -142,3 +145,23 @@ def test_a_missing_image_is_file_not_found_and_the_daemon_keeps_serving(daemon, 
     reply = ask(daemon, tmp_path / "nope.png", tmp_path)
     assert reply["error"]["code"] == "file_not_found"
     assert ask(daemon, inputs["png"], tmp_path)["result"] == "ok"
+
+
+def test_a_request_without_threshold_uses_the_cards_threshold(tmp_path, inputs):
+    """The card's output.threshold is what its trainer validated with: it, not 0.5, is the default."""
+    folder = write_tiny_handbone_card(tmp_path / "handbone", folds=1,
+                                      output={"activation": "sigmoid", "multilabel": True, "threshold": 0.3})
+    handler = HandboneHandler.load(folder, Settings(device=torch.device("cpu")))
+
+    def served(**extra):
+        job = handler.validate({"task": "handbone", "img_path": str(inputs["png"]),
+                                "destination_path": str(tmp_path / "out"), **extra})
+        prepared = handler.preprocess(job)
+        return handler.finish(job, prepared, handler.infer([prepared])[0])
+
+    default, explicit, half = served(), served(threshold=0.3), served(threshold=0.5)
+    assert default["threshold"] == 0.3 and default["areas_px"] == explicit["areas_px"]
+    assert default["areas_px"] != half["areas_px"]   # the threshold chosen is the one used
+    write_tiny_handbone_card(tmp_path / "broken", folds=1, output={"threshold": 3})
+    with pytest.raises(cards.CardError, match="output.threshold"):
+        HandboneHandler.load(tmp_path / "broken", Settings(device=torch.device("cpu")))

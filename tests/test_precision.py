@@ -18,13 +18,14 @@ from daemon import explain
 from daemon.handlers.base import Settings, TaskHandler, autocast_for, uses_amp
 from daemon.server import Server
 from daemon.registry import Registry
+from tasks.bundle import Bundle
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def handler_on(device: torch.device, precision: str = "fp16") -> TaskHandler:
     card = {"name": "t", "version": "0", "task": "osteo"}
-    return TaskHandler(card, [], Settings(device=device, precision=precision), source="test")
+    return TaskHandler(card, Bundle(card), Settings(device=device, precision=precision), source="test")
 
 
 def cuda_autocast(context) -> torch.autocast:

@@ -14,7 +14,6 @@ from conftest import PATIENT, Daemon, write_tiny_scar_card
 from daemon.errors import MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Settings
 from daemon.handlers.scar import ScarHandler
-from tasks import cards
 
 STAMPED = re.compile(r"^(?P<stem>.+)_(?P<kind>cam|overlay)_\d{14}(_\d+)?\.png$")
 
@@ -160,12 +159,7 @@ def test_bad_requests_get_stable_error_codes_and_the_daemon_keeps_serving(daemon
 
 def test_a_card_without_the_asked_model_answers_model_unavailable(tmp_path):
     folder = write_tiny_scar_card(tmp_path / "scar", models=("image",), folds=1)
-    card = cards.read_card(folder)
-    from tasks.weights import load_state_dict
-
-    states = [load_state_dict(path) for path in cards.fold_paths(folder, card)]
-    settings = Settings(device=torch.device("cpu"))
-    handler = ScarHandler(card, ScarHandler.build_networks(card, card["folds"], states, settings.device), settings, "t")
+    handler = ScarHandler.load(folder, Settings(device=torch.device("cpu")))
     with pytest.raises(ServiceError) as error:
         handler.validate({"task": "scar", "clinical": PATIENT})
     assert error.value.code == MODEL_UNAVAILABLE and "serves: image" in error.value.message

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from tasks import brixia, brixia_orient, cards
+from tasks.bundle import load_bundle
 from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
@@ -341,22 +342,17 @@ def orient_task(args: argparse.Namespace) -> TrainTask:
 
 def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     """A seg or stn card and its fold networks (verified by sha256), in eval mode on ``device``."""
-    try:
-        card = cards.read_card(folder)
-        cards.verify_folds(folder, card)
-    except cards.CardError as exc:
-        raise SystemExit(f"cannot use {folder}: {exc}") from exc
-    if card["task"] != expected_task:
-        raise SystemExit(f"{folder} holds a {card['task']!r} card; expected {expected_task!r} "
-                         f"(run `python -m train.brixia {expected_task.split('-')[1]} ...` first)")
     build = {"brixia-seg": brixia.build_segmenter, "brixia-stn": brixia.build_stn,
              "brixia-orient": brixia_orient.build_orient}[expected_task]
-    networks = []
-    for path in cards.fold_paths(folder, card):
-        network = build(card["architecture"])
-        network.load_state_dict(load_state_dict(path), strict=True)
-        networks.append(network.eval().to(device))
-    return card, networks
+    try:
+        card = cards.read_card(folder)
+        if card["task"] != expected_task:
+            raise SystemExit(f"{folder} holds a {card['task']!r} card; expected {expected_task!r} "
+                             f"(run `python -m train.brixia {expected_task.split('-')[1]} ...` first)")
+        bundle = load_bundle(folder, build, device)
+    except cards.CardError as exc:
+        raise SystemExit(f"cannot use {folder}: {exc}") from exc
+    return bundle.card, bundle.only()
 
 
 class Pipeline:

@@ -18,9 +18,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,35 +26,17 @@ from tqdm import tqdm
 
 from tasks import cards, handbone
 from tasks.imaging import read_image
-from tasks.weights import load_state_dict
+from tasks.bundle import Bundle, load_bundle
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
 
-@dataclass
-class LoadedCard:
-    folder: Path
-    card: dict[str, Any]
-    networks: list[torch.nn.Module]
-
-
-def load_card(folder: str | Path, device: torch.device, fold: int | None = None) -> LoadedCard:
+def load_card(folder: str | Path, device: torch.device, fold: int | None = None) -> Bundle:
     """A handbone card's fold networks (sha256-checked), in eval mode on ``device``."""
-    folder = Path(folder)
-    card = cards.read_card(folder)
-    if card["task"] != handbone.TASK:
-        raise SystemExit(f"{folder}: card is for task {card['task']!r}, not {handbone.TASK!r}")
-    cards.verify_folds(folder, card)
-    entries = [(entry, path) for entry, path in zip(card["folds"], cards.fold_paths(folder, card))
-               if fold is None or entry.get("fold") == fold]
-    if not entries:
-        raise SystemExit(f"{folder}: no fold {fold} in the card")
-    networks = []
-    for _, path in entries:
-        network = handbone.build_network(card["architecture"])
-        network.load_state_dict(load_state_dict(path), strict=True)
-        networks.append(network.eval().to(device))
-    return LoadedCard(folder, card, networks)
+    try:
+        return load_bundle(folder, handbone.build_network, device, fold, task=handbone.TASK)
+    except cards.CardError as exc:
+        raise SystemExit(f"cannot use {folder}: {exc}") from exc
 
 
 def find_images(test_dir: str | Path) -> list[Path]:
@@ -70,7 +50,7 @@ def find_images(test_dir: str | Path) -> list[Path]:
     return images
 
 
-def predict_masks(gray: np.ndarray, loaded: list[LoadedCard], device: torch.device, tta: bool = False,
+def predict_masks(gray: np.ndarray, loaded: list[Bundle], device: torch.device, tta: bool = False,
                   threshold: float = handbone.DEFAULT_THRESHOLD) -> np.ndarray:
     """``(C, H, W)`` bool masks of one image: the mean probability of every network of every card.
 
@@ -80,9 +60,9 @@ def predict_masks(gray: np.ndarray, loaded: list[LoadedCard], device: torch.devi
     groups: dict[str, list[tuple[np.ndarray, int, handbone.Geometry]]] = {}
     for item in loaded:
         tensor, geometry = handbone.preprocess(gray, item.card["input"])
-        probabilities = handbone.ensemble_probabilities(item.networks, tensor[None].to(device), tta)[0]
+        probabilities = handbone.ensemble_probabilities(item.only(), tensor[None].to(device), tta)[0]
         key = json.dumps(item.card["input"], sort_keys=True)
-        groups.setdefault(key, []).append((probabilities.cpu().numpy(), len(item.networks), geometry))
+        groups.setdefault(key, []).append((probabilities.cpu().numpy(), len(item.only()), geometry))
     total = sum(weight for members in groups.values() for _, weight, _ in members)
     means = [(sum(p * w for p, w, _ in members) / sum(w for _, w, _ in members),
               sum(w for _, w, _ in members) / total, members[0][2]) for members in groups.values()]
@@ -97,7 +77,7 @@ def predict_masks(gray: np.ndarray, loaded: list[LoadedCard], device: torch.devi
     return masks
 
 
-def check_labels(loaded: list[LoadedCard]) -> list[str]:
+def check_labels(loaded: list[Bundle]) -> list[str]:
     labels = loaded[0].card["labels"]
     for item in loaded[1:]:
         if item.card["labels"] != labels:
@@ -150,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         masks = predict_masks(gray, loaded, device, args.tta, args.threshold)
         rows += handbone.rle_rows(path.name, masks, labels)
     write_csv(args.out, rows)
-    networks = sum(len(item.networks) for item in loaded)
+    networks = sum(len(item.only()) for item in loaded)
     print(f"wrote {args.out}: {len(images)} image(s) x {len(labels)} classes, {networks} network(s)"
           f"{' + flip TTA' if args.tta else ''}", file=sys.stderr)
     return 0

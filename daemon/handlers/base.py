@@ -1,11 +1,16 @@
 """The lifecycle every task handler shares: validate -> preprocess -> infer(batch) -> postprocess.
 
-A handler overrides those four steps and little else. ``preprocess`` works on one request
-(decode + preprocessing, no model), ``infer`` on a batch of preprocessed requests (the model
-and its explanations), ``postprocess`` on one request again (files and reply fields), so the
-server can batch and overlap work without the handler knowing. ``finish`` runs postprocess and,
-for a request with ``"dicom": true``, writes the DICOM objects of what the task's ``dicom_content``
-hands over (``daemon.dicom_out``), then builds the reply.
+The base owns the rules; a task's handler adds only what is its own. ``validate`` checks the
+fields every task shares (and ``img_path`` / ``destination_path`` for the tasks that read
+images and write files), then calls the task's ``validate_options``. ``preprocess`` works on
+one request (decode + preprocessing, no model), ``infer`` on a batch of preprocessed requests
+(the model and its explanations, each forward pass through ``forward``: autocast and the
+float32 cast in one place), ``postprocess`` on one request again (files and reply fields), so
+the server can batch and overlap work without the handler knowing. ``infer`` returns one
+result per item: a value, or the exception that item raised (``raised``), which becomes that
+request's fail reply. ``finish`` runs postprocess and, for a request with ``"dicom": true``,
+writes the DICOM objects of what the task's ``dicom_content`` hands over (``daemon.dicom_out``),
+then builds the reply. The destination folder is created by the first file written into it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -24,9 +29,11 @@ from daemon.dicom_content import Content as DicomContent
 from daemon.dicom_source import dicom_options
 from daemon.errors import (FILE_NOT_FOUND, IMAGE_TOO_LARGE, INVALID_REQUEST, PATH_NOT_ALLOWED, UNREADABLE_IMAGE,
                            ServiceError)
-from daemon.outputs import is_within, output_stem, prepare_destination, timestamp
+from daemon.outputs import Destination, is_within, output_stem, timestamp
 from daemon.protocol import reject_unknown_fields, require_string
 from tasks import imaging
+from tasks.bundle import Builder, Bundle, load_bundle
+from tasks.cards import CARD_FILE
 
 MIN_IMAGE_SIDE = 32
 # fp16: float16 autocast on CUDA (float32 on CPU); fp32: never autocast. fp32 is the default: on an
@@ -45,6 +52,27 @@ def autocast_for(device: torch.device, precision: str = "fp32") -> contextlib.Ab
     if uses_amp(device, precision):
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def float32(value: Any) -> Any:
+    """Floating tensors in ``value`` (a tensor, or tuples, lists and dicts of them) as float32; the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(float32(item) for item in value)
+    if isinstance(value, dict):
+        return {key: float32(item) for key, item in value.items()}
+    return value
+
+
+def raised(step: Callable[..., Any], *args: Any) -> BaseException | None:
+    """Run one item's ``step``; the exception it raised, or None. ``infer`` puts what it returns in
+    that item's place, so a batch reports each item's failure rather than failing as a whole."""
+    try:
+        step(*args)
+    except Exception as exc:
+        return exc
+    return None
 
 
 @dataclass
@@ -73,7 +101,7 @@ class Job:
 
 
 class TaskHandler:
-    """Base class: owns the card, the fold networks and the reply's shape."""
+    """Base class: owns the card, its bundle of fold networks and the reply's shape."""
 
     task: ClassVar[str] = ""
     # Request fields a task accepts beyond ``task`` and ``id``.
@@ -83,36 +111,44 @@ class TaskHandler:
     # The image-kind gate (daemon.kind_gate.KindGate) the registry hands every handler; None: no gate.
     kind_gate: Any = None
 
-    def __init__(self, card: dict[str, Any], networks: list[torch.nn.Module], settings: Settings,
-                 source: str) -> None:
+    # How the card's networks are built: one builder for a one-model card, or {model: builder}
+    # (tasks.bundle); ``required_models``: the models a card of this task must have.
+    builders: ClassVar[Builder | Mapping[str, Builder] | None] = None
+    required_models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, card: dict[str, Any], bundle: Bundle, settings: Settings, source: str) -> None:
         self.card = card
-        self.networks = networks
+        self.bundle = bundle
         self.settings = settings
         self.source = source
 
-    @staticmethod
-    def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
-        """An untrained network from the card's ``architecture`` record (the task module's builder)."""
-        raise NotImplementedError
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        """The fold networks of a one-model card (``self.bundle[model]`` for a card with several)."""
+        return self.bundle.only()
 
     @classmethod
-    def prepare_network(cls, network: torch.nn.Module) -> None:
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         """Hook run on each loaded network (e.g. freeze what Grad-CAM does not need)."""
 
     @classmethod
-    def build_networks(cls, card: dict[str, Any], entries: list[dict[str, Any]],
-                       state_dicts: list[dict[str, torch.Tensor]], device: torch.device) -> list[Any]:
-        """Build the networks of the chosen fold ``entries`` (card records, aligned with
-        ``state_dicts``) and load their weights strictly. By default one ``build_network`` per
-        fold; a task with several models per fold (scar) overrides this."""
-        networks = []
-        for state in state_dicts:
-            network = cls.build_network(card["architecture"])
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            cls.prepare_network(network)
-            networks.append(network)
-        return networks
+    def check_bundle(cls, bundle: Bundle) -> None:
+        """Hook: raise CardError when the loaded card cannot serve this task (e.g. scar's scalers)."""
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings) -> "TaskHandler":
+        """The handler of the card in ``folder``: its networks (sha256 checked, ``--fold`` applied) on the
+        handler's device, prepared and checked."""
+        bundle = load_bundle(folder, cls.builders, settings.device, settings.fold, required=cls.required_models)
+        return cls.from_bundle(bundle, settings, str(Path(folder) / CARD_FILE))
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, settings: Settings, source: str) -> "TaskHandler":
+        for model, networks in bundle.networks.items():
+            for network in networks:
+                cls.prepare_network(model, network)
+        cls.check_bundle(bundle)
+        return cls(bundle.card, bundle, settings, source)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -125,26 +161,39 @@ class TaskHandler:
         return uses_amp(self.settings.device, self.settings.precision)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The context every forward pass of ``infer`` runs in, explanations included::
-
-            with torch.inference_mode(), self.autocast():
-                logits = network(inputs)
-            probabilities = torch.softmax(logits.float(), dim=1)  # float32 before softmax/sigmoid/thresholds
-
-        float16 autocast on CUDA with ``--precision fp16``, nothing at all otherwise (CPU results are
-        unchanged). Outputs may be float16 under it: cast them with ``.float()`` before softmax,
-        sigmoid or thresholds. Grad-CAM (``explain.grad_cam``) and saliency run inside it too; they
+        """float16 autocast on CUDA with ``--precision fp16``, nothing at all otherwise (CPU results are
+        unchanged). ``forward`` runs in it; so do Grad-CAM (``explain.grad_cam``) and saliency, which
         cast activations and gradients to float32 before building maps."""
         return autocast_for(self.settings.device, self.settings.precision)
 
+    def forward(self, step: Callable[..., Any], *args: Any, grad: bool = False) -> Any:
+        """``step(*args)`` (a network, or a task function over networks) under this handler's autocast,
+        in inference mode unless ``grad``, with floating outputs cast to float32: what every forward pass
+        of ``infer`` goes through, so softmax, sigmoid and thresholds always see float32."""
+        with (torch.enable_grad() if grad else torch.inference_mode()), self.autocast():
+            return float32(step(*args))
+
+    def dummy_inputs(self) -> list[Any]:
+        """Preprocessed stand-ins for requests (blank frames of the card's input size), one per model path
+        that ``warm_up`` should run."""
+        return []
+
     def warm_up(self) -> None:
-        """Run once at start-up so that lazy imports and first-call allocations do not land on
-        the first request (grad-cam's import alone costs seconds)."""
+        """Run ``infer`` once on each of ``dummy_inputs`` at start-up, so that lazy imports and first-call
+        allocations do not land on the first request (grad-cam's import alone costs seconds)."""
+        for prepared in self.dummy_inputs():
+            self.infer([prepared])
 
     # --- the four steps -------------------------------------------------------------------
+    # The request's image: required, or optional (scar: clinical features alone are a request).
+    image_optional: ClassVar[bool] = False
+
     def validate(self, request: dict[str, Any]) -> Job:
-        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong.
-        A task that reads images also takes ``check_kind`` (default true: the image-kind gate runs)."""
+        """Check the request's fields; raise ServiceError(invalid_request) naming what is wrong. A task
+        that reads images also takes ``check_kind`` (default true: the image-kind gate runs) and needs
+        ``img_path``; a task that writes files needs ``destination_path`` when it will write (an image,
+        or DICOM asked for), checked against ``--output-root`` here and created by the first file written.
+        Then the task's own ``validate_options``."""
         reads_images = "img_path" in self.fields
         reject_unknown_fields(request, self.fields | {"task", "id", "dicom", "dicom_context"}
                               | ({"check_kind"} if reads_images else set()))
@@ -155,12 +204,24 @@ class TaskHandler:
             if not isinstance(check, bool):
                 raise ServiceError(INVALID_REQUEST, f"'check_kind' must be true or false (got {check!r})")
             job.options["check_kind"] = check
+            job.options["img_path"] = require_string(request, "img_path", optional=self.image_optional)
+        if "destination_path" in self.fields:
+            if job.options.get("img_path") is not None or job.options["dicom"] is not None:
+                job.options["destination_path"] = require_string(request, "destination_path")
+                job.options["folder"] = Destination(job.options["destination_path"], self.settings.output_root)
+            else:
+                require_string(request, "destination_path", optional=True)  # accepted, unused: no files to write
+        self.validate_options(request, job)
         return job
+
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
+        """Hook: check the task's own request fields into ``job.options``; raise ServiceError naming what is wrong."""
 
     def preprocess(self, job: Job) -> Any:
         raise NotImplementedError
 
     def infer(self, batch: list[Any]) -> list[Any]:
+        """One result per item of ``batch``: a value for ``postprocess``, or the exception that item raised."""
         raise NotImplementedError
 
     def postprocess(self, job: Job, prepared: Any, inferred: Any) -> dict[str, Any]:
@@ -190,15 +251,6 @@ class TaskHandler:
                                            job.options["dicom"], self.dicom_content(job, fields), self.model_info)
 
     # --- shared helpers -------------------------------------------------------------------
-    def image_job(self, request: dict[str, Any]) -> Job:
-        """Validate a request that reads ``img_path`` and writes into ``destination_path``; the
-        destination is checked against ``--output-root`` and created here, before any work."""
-        job = TaskHandler.validate(self, request)
-        job.options["img_path"] = require_string(request, "img_path")
-        job.options["destination_path"] = require_string(request, "destination_path")
-        job.options["folder"] = prepare_destination(job.options["destination_path"], self.settings.output_root)
-        return job
-
     def read_request_image(self, job: Job, color: str = "gray") -> np.ndarray:
         """The request's ``img_path`` decoded once, checked by the image-kind gate (unless the daemon or
         the request turned it off), and returned as ``color``; ServiceError(wrong_image_kind) when the

@@ -16,6 +16,7 @@ it would be a number without meaning.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -29,26 +30,18 @@ from pydicom.sr.codedict import codes
 from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
-from daemon.handlers.base import Job, TaskHandler
+from daemon.handlers.base import Job, TaskHandler, raised
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import brixia, brixia_orient, quality, uncertainty
+from tasks.bundle import Bundle
 from tasks.brixia_film import QUALITY_LABELS, film_problem, quality_measures
-from tasks.cards import CardError
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
 ALIGNMENTS = ("auto", "masks", "none")
 STRUCTURE_COLOURS = {"right_lung": (40, 140, 255), "left_lung": (60, 220, 90), "heart": (255, 60, 60)}
 SCORE_COLOURS = [(120, 200, 120), (255, 220, 0), (255, 140, 0), (230, 30, 30)]   # 0..3
-MODELS = ("seg", "stn", "orient", "score")
 REGION_NAMES = {"A": "upper right", "B": "middle right", "C": "lower right",
                 "D": "upper left", "E": "middle left", "F": "lower left"}
-
-
-@dataclass
-class FoldModel:
-    model: str                       # seg, stn or score
-    fold: int
-    network: torch.nn.Module
 
 
 @dataclass
@@ -59,6 +52,7 @@ class Prepared:
     gray: np.ndarray                 # the input as read
     alignment: str
     cams: bool
+    check_film: bool = True          # false for warm-up's blank frame only: the pose and film checks refuse it
 
 
 @dataclass
@@ -77,43 +71,37 @@ class BrixiaHandler(TaskHandler):
     task = "brixia"
     fields = frozenset({"img_path", "destination_path", "alignment", "cams"})
 
+    builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
+                "score": brixia.build_scorer}
+    required_models = ("seg", "score")
+
     @classmethod
-    def build_networks(cls, card, entries, state_dicts, device):
-        builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
-                    "score": brixia.build_scorer}
-        fold_models = []
-        for entry, state in zip(entries, state_dicts):
-            model = entry.get("model")
-            if model not in builders:
-                raise CardError(f"brixia fold entry {entry['file']} needs 'model': one of {', '.join(MODELS)}")
-            record = (card.get("architecture") or {}).get(model)
-            if not record:
-                raise CardError(f"the brixia card lists {entry['file']} as {model} but has no architecture.{model}")
-            network = builders[model](record)
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            for parameter in network.parameters():
-                parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
-            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network))
-        for needed in ("seg", "score"):
-            if not any(f.model == needed for f in fold_models):
-                raise CardError(f"the brixia card has no {needed} model")
-        return fold_models
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
 
-    def of(self, model: str) -> list[torch.nn.Module]:
-        return [fold.network for fold in self.networks if fold.model == model]
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        brixia.alignment_limits(bundle.card.get("output"))   # a malformed record fails the card at load
 
-    def warm_up(self) -> None:
+    @functools.cached_property
+    def alignment_limits(self) -> brixia.AlignmentLimits:
+        """The card's canonical box and what the mask-derived alignment trusts (defaults for older cards)."""
+        return brixia.alignment_limits(self.card.get("output"))
+
+    def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
         frame = np.zeros((size, size), np.uint8)
         cv2.ellipse(frame, (size * 3 // 10, size // 2), (size // 8, size // 4), 0, 0, 360, 255, -1)
         tensor, frame, geometry = brixia.preprocess(frame, self.card["input"])
-        self.infer([Prepared(tensor, frame, geometry, frame, "masks", True)], check_film=False)
+        return [Prepared(tensor, frame, geometry, frame, "masks", True, check_film=False)]
+
+    def warm_up(self) -> None:
+        super().warm_up()
         explain.heat_rgba(np.zeros((2, 2), np.float32))   # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = self.image_job(request)
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
         alignment = request.get("alignment", "auto")
         if alignment not in ALIGNMENTS:
             raise ServiceError(INVALID_REQUEST, f"'alignment' must be one of {', '.join(ALIGNMENTS)} (got {alignment!r})")
@@ -121,7 +109,6 @@ class BrixiaHandler(TaskHandler):
         if not isinstance(cams, bool):
             raise ServiceError(INVALID_REQUEST, f"'cams' must be true or false (got {cams!r})")
         job.options.update(alignment=alignment, cams=cams)
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         gray = self.read_request_image(job, color="gray")
@@ -132,31 +119,37 @@ class BrixiaHandler(TaskHandler):
     def uses_opacity(self) -> bool:
         return bool((self.card.get("architecture") or {}).get("score", {}).get("opacity", False))
 
-    def infer(self, batch: list[Prepared], check_film: bool = True) -> list[Inferred | ServiceError]:
+    def check_film(self, pose: np.ndarray | None, masks: np.ndarray) -> None:
+        """Refuse (``unreadable_image``) a film that is not upright-frontal or whose lungs and heart are
+        not where a frontal film has them: its score would be a number without meaning, or swap A-C and D-F."""
+        output = self.card.get("output") or {}
+        problem = None if pose is None else brixia_orient.pose_problem(
+            pose, output.get("orient_min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT))
+        if problem is None:
+            problem = film_problem(masks, output.get("film_limits"))
+        if problem is not None:
+            raise ServiceError(UNREADABLE_IMAGE, problem)
+
+    def infer(self, batch: list[Prepared]) -> list[Inferred | BaseException]:
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
-        with torch.inference_mode(), self.autocast():
-            probabilities = brixia.segment(self.of("seg"), inputs).cpu().numpy()
-            poses = brixia_orient.pose_probabilities(self.of("orient"), inputs).cpu().numpy() \
-                if check_film and self.of("orient") else None
+        probabilities = self.forward(brixia.segment, self.bundle["seg"], inputs).cpu().numpy()
+        poses = self.forward(brixia_orient.pose_probabilities, self.bundle["orient"], inputs).cpu().numpy() \
+            if self.bundle["orient"] and any(item.check_film for item in batch) else None
         masks = [brixia.clean_masks(p) for p in probabilities]
         aligned = [None] * len(batch)
         for method in {item.alignment for item in batch}:
             rows = [k for k, item in enumerate(batch) if item.alignment == method]
-            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.of("stn"), device, method)):
+            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.bundle["stn"], device, method,
+                                                          self.alignment_limits)):
                 aligned[k] = result
-        results: list[Inferred | ServiceError | None] = [None] * len(batch)
+        results: list[Inferred | BaseException | None] = [None] * len(batch)
         samples, keep = [], []
-        output = self.card.get("output") or {}
         for k, item in enumerate(batch):
-            problem = None if poses is None else brixia_orient.pose_problem(
-                poses[k], output.get("orient_min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT))
-            if problem is None and check_film:
-                problem = film_problem(masks[k], output.get("film_limits"))
-            if problem is not None:
-                # A score of a film that is not frontal, or mirrored, would be a number without meaning.
-                results[k] = ServiceError(UNREADABLE_IMAGE, problem)
-                continue
+            if item.check_film:
+                results[k] = raised(self.check_film, None if poses is None else poses[k], masks[k])
+                if results[k] is not None:
+                    continue
             theta, _ = aligned[k]
             opacity = brixia.opacity_map(probabilities[k]) if self.uses_opacity else None
             samples.append(brixia.aligned_sample(item.frame, masks[k], theta, opacity))
@@ -182,14 +175,18 @@ class BrixiaHandler(TaskHandler):
         """Mean probabilities (B, 6, 4) over the scorer folds, each fold's (folds, B, 6, 4) and, when
         asked, Grad-CAM (B, 6, S, S)."""
         features, logits = [], []
-        for network in self.of("score"):
-            with torch.inference_mode(), self.autocast():
+
+        def scored(network: torch.nn.Module) -> torch.Tensor:
+            # Only the heads are differentiated (Grad-CAM w.r.t. the trunk's features), in the trunk's dtype.
+            with torch.inference_mode():
                 trunk = network.features(inputs["image"])
-            with torch.enable_grad(), self.autocast():
-                feature = trunk.clone().requires_grad_(any(want_cams))
-                logits.append(network.head_logits(feature, inputs["regions"], inputs.get("opacity")))
+            feature = trunk.clone().requires_grad_(any(want_cams))
             features.append(feature)
-        per_fold = torch.stack([torch.softmax(out.float(), dim=-1) for out in logits]).detach()
+            return network.head_logits(feature, inputs["regions"], inputs.get("opacity"))
+
+        for network in self.bundle["score"]:
+            logits.append(self.forward(scored, network, grad=True))
+        per_fold = torch.stack([torch.softmax(out, dim=-1) for out in logits]).detach()
         probabilities = per_fold.mean(0)
         if not any(want_cams):
             return probabilities.cpu().numpy(), per_fold.cpu().numpy(), None
@@ -198,7 +195,7 @@ class BrixiaHandler(TaskHandler):
         cams = torch.zeros(inputs["image"].shape[0], len(brixia.REGIONS), *size)
         for feature, out in zip(features, logits):
             for r in range(len(brixia.REGIONS)):
-                target = out[:, r].float().gather(1, predicted[:, r:r + 1]).sum()
+                target = out[:, r].gather(1, predicted[:, r:r + 1]).sum()
                 (grad,) = torch.autograd.grad(target, feature, retain_graph=r < len(brixia.REGIONS) - 1)
                 weights = grad.float().mean((-2, -1), keepdim=True)
                 cam = F.relu((weights * feature.detach().float()).sum(1, keepdim=True))
@@ -212,9 +209,7 @@ class BrixiaHandler(TaskHandler):
         """Region scores from probabilities by the card's rule (median; argmax for cards from before it)."""
         return brixia.decide_scores(torch.as_tensor(probabilities), (self.card.get("output") or {}).get("decision", "argmax"))
 
-    def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred | ServiceError) -> dict[str, Any]:
-        if isinstance(inferred, ServiceError):
-            raise inferred
+    def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
         scores = self.decide(inferred.probabilities).numpy()
         region_scores = {region: int(s) for region, s in zip(brixia.REGIONS, scores)}
         geometry, folder, stamp = prepared.geometry, job.options["folder"], timestamp()

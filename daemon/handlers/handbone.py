@@ -1,7 +1,8 @@
 """Hand-bone handler: hand X-ray -> 29 bone masks at the input's size, colour overlay, RLE CSV, polygons JSON, areas.
 
-Request: ``img_path``, ``destination_path``, optional ``threshold`` (0..1, default 0.5) and
-``tta`` (bool: also average a horizontally flipped pass). Any size and aspect ratio is served:
+Request: ``img_path``, ``destination_path``, optional ``threshold`` (0..1, default the card's
+``output.threshold``, else 0.5) and ``tta`` (bool: also average a horizontally flipped pass).
+Any size and aspect ratio is served:
 ``tasks.handbone.preprocess`` fits the image into the card's model frame (letterbox or resize,
 as the card's input record says) and every output is mapped back through the same geometry.
 
@@ -30,6 +31,8 @@ from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import handbone, quality, uncertainty
+from tasks.bundle import Bundle
+from tasks.cards import CardError
 
 
 @dataclass
@@ -51,24 +54,34 @@ class HandboneHandler(TaskHandler):
     task = "handbone"
     fields = frozenset({"img_path", "destination_path", "threshold", "tta"})
 
-    build_network = staticmethod(handbone.build_network)
+    builders = staticmethod(handbone.build_network)
 
-    def warm_up(self) -> None:
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        threshold = (bundle.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD)
+        if not is_fraction(threshold):
+            raise CardError(f"output.threshold must be a number from 0 to 1 (got {threshold!r})")
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold of a request that names none: the card's ``output.threshold`` (what its trainer
+        validated with), else 0.5."""
+        return float((self.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD))
+
+    def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
         blank = np.zeros((size, size), np.uint8)
         tensor, geometry = handbone.preprocess(blank, self.card["input"])
-        self.infer([Prepared(tensor, geometry, blank, handbone.DEFAULT_THRESHOLD, False)])
+        return [Prepared(tensor, geometry, blank, self.default_threshold, False)]
 
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = self.image_job(request)
-        threshold = request.get("threshold", handbone.DEFAULT_THRESHOLD)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
+        threshold = request.get("threshold", self.default_threshold)
+        if not is_fraction(threshold):
             raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
         tta = request.get("tta", False)
         if not isinstance(tta, bool):
             raise ServiceError(INVALID_REQUEST, f"'tta' must be true or false (got {tta!r})")
         job.options.update(threshold=float(threshold), tta=tta)
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         gray = self.read_request_image(job, color="gray")
@@ -78,12 +91,16 @@ class HandboneHandler(TaskHandler):
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
         thresholds = torch.tensor([item.threshold for item in batch], device=inputs.device).view(-1, 1, 1, 1)
-        total, fold_masks = None, []
-        with torch.inference_mode(), self.autocast():  # fold_probabilities casts logits to float32 before the sigmoid
+
+        def fold_sum() -> tuple[torch.Tensor, list[np.ndarray]]:
+            total, fold_masks = None, []
             for probabilities in handbone.fold_probabilities(self.networks, inputs, [item.tta for item in batch]):
                 total = probabilities if total is None else total + probabilities
                 fold_masks.append((probabilities > thresholds).cpu().numpy())
-        mean = (total / len(self.networks)).float().cpu().numpy()
+            return total, fold_masks
+
+        total, fold_masks = self.forward(fold_sum)
+        mean = (total / len(self.networks)).cpu().numpy()
         return [Inferred(mean[i], np.stack([inner_box(masks[i], item.geometry) for masks in fold_masks]))
                 for i, item in enumerate(batch)]
 
@@ -130,6 +147,11 @@ class HandboneHandler(TaskHandler):
         measures = handbone.quality_measures(frame_masks, geometry, classes,
                                              float(record["parameters"]["min_piece_fraction"]))
         return quality.assess(measures, record, handbone.quality_labels(classes))
+
+
+def is_fraction(value: Any) -> bool:
+    """A number from 0 to 1 (JSON's true/false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 # SNOMED CT codes pydicom knows for a class; every other bone (fingers, carpals) is coded as "Bone".

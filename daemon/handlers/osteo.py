@@ -44,26 +44,27 @@ class OsteoHandler(TaskHandler):
     fields = frozenset({"img_path", "destination_path", "explain"})
     leading_fields = ("diagnosis", "saliency_img_path", "overlay_img_path")
 
-    build_network = staticmethod(osteo.build_network)
+    builders = staticmethod(osteo.build_network)
 
     @classmethod
-    def prepare_network(cls, network: torch.nn.Module) -> None:
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         explain.freeze_for_cam(network, osteo.explain_target_layer(network))
+
+    def dummy_inputs(self) -> list[Prepared]:
+        height, width = self.card["input"]["size"]
+        return [Prepared(shown=np.zeros((height, width), np.uint8), method=self.settings.explain)]
 
     def warm_up(self) -> None:
         rolling_ball_numba.start_compiling()  # in the background: numpy serves until it is loaded
-        height, width = self.card["input"]["size"]
-        blank = Prepared(shown=np.zeros((height, width), np.uint8), method=self.settings.explain)
-        inferred = self.infer([blank])[0]
-        explain.heat_rgba(inferred.heat), explain.seed_overlay(blank.shown, inferred.heat)
+        super().warm_up()
+        blank = np.zeros((2, 2), np.uint8)
+        explain.heat_rgba(blank.astype(np.float32)), explain.seed_overlay(blank, blank.astype(np.float32))
 
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = self.image_job(request)
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
         method = request.get("explain", self.settings.explain)
         if method not in explain.EXPLAIN_METHODS:
             raise ServiceError(INVALID_REQUEST, f"'explain' must be one of {', '.join(explain.EXPLAIN_METHODS)}")
         job.options["explain"] = method
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         gray = self.read_request_image(job, color="gray")
@@ -78,9 +79,8 @@ class OsteoHandler(TaskHandler):
         for method in dict.fromkeys(item.method for item in batch):
             rows = [i for i, item in enumerate(batch) if item.method == method]
             subset = inputs if len(rows) == len(batch) else inputs[rows]
-            with self.autocast():
-                probabilities, predicted, heat, per_fold = explain.explained_prediction(
-                    self.networks, subset, method, osteo.explain_target_layer)
+            probabilities, predicted, heat, per_fold = self.forward(
+                explain.explained_prediction, self.networks, subset, method, osteo.explain_target_layer, grad=True)
             for k, i in enumerate(rows):
                 results[i] = Inferred(probabilities[k], int(predicted[k]), heat[k], per_fold[:, k])
         return results

@@ -23,9 +23,10 @@ from daemon import dicom_content as dicom
 from daemon import explain
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, prepare_destination, timestamp, write_png
+from daemon.outputs import output_stem, timestamp, write_png
 from daemon.protocol import require_string
 from tasks import quality, scar, uncertainty
+from tasks.bundle import Bundle
 from tasks.cards import CardError
 from tasks.nets.late_fusion import ClinicalHeld
 
@@ -34,10 +35,8 @@ OVERLAY_ALPHA = 0.55  # heat map opacity where the CAM is 1; unexplained skin st
 
 @dataclass
 class FoldModel:
-    model: str                       # image, clinical or combined
-    fold: int
     network: torch.nn.Module
-    scaler: dict[str, list[float]] | None
+    scaler: dict[str, list[float]] | None   # the fold's clinical scaler (clinical and combined models)
 
 
 @dataclass
@@ -81,25 +80,22 @@ class ScarHandler(TaskHandler):
     task = "scar"
     fields = frozenset({"img_path", "clinical", "destination_path"})
 
+    builders = {model: functools.partial(scar.build_network, model) for model in scar.MODES}
+
     @classmethod
-    def build_networks(cls, card, entries, state_dicts, device):
-        names = card.get("input", {}).get("clinical_features") or []
-        fold_models = []
-        for entry, state in zip(entries, state_dicts):
-            model = entry.get("model")
-            if model not in scar.MODES:
-                raise CardError(f"scar fold entry {entry['file']} needs 'model': one of {', '.join(scar.MODES)}")
-            network = scar.build_network(model, card["architecture"][model])
-            network.load_state_dict(state, strict=True)
-            network.eval().to(device)
-            scaler = entry.get("scaler")
-            if model != "clinical":
-                explain.freeze_for_cam(network, scar.explain_target_layer(network))
-            if model != "image" and (scaler is None or len(scaler["mean"]) != len(names) or not names):
-                raise CardError(f"scar {model} entry {entry['file']} needs a scaler over the card's "
-                                f"{len(names)} clinical_features")
-            fold_models.append(FoldModel(model, int(entry.get("fold", len(fold_models))), network, scaler))
-        return fold_models
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        if model != "clinical":
+            explain.freeze_for_cam(network, scar.explain_target_layer(network))
+
+    @classmethod
+    def check_bundle(cls, bundle: Bundle) -> None:
+        names = bundle.card.get("input", {}).get("clinical_features") or []
+        for model in ("clinical", "combined"):
+            for entry in bundle.entries.get(model, []):
+                scaler = entry.get("scaler")
+                if scaler is None or len(scaler["mean"]) != len(names) or not names:
+                    raise CardError(f"scar {model} entry {entry['file']} needs a scaler over the card's "
+                                    f"{len(names)} clinical_features")
 
     # --- card helpers ----------------------------------------------------------------------
     @property
@@ -107,20 +103,24 @@ class ScarHandler(TaskHandler):
         return list(self.card["input"].get("clinical_features") or [])
 
     def folds_of(self, mode: str) -> list[FoldModel]:
-        return [fold for fold in self.networks if fold.model == mode]
+        return [FoldModel(network, entry.get("scaler"))
+                for network, entry in zip(self.bundle[mode], self.bundle.entries.get(mode, []))]
+
+    def dummy_inputs(self) -> list[Prepared]:
+        spec = self.card["input"].get("photo")
+        return [Prepared(mode, torch.zeros(3, *spec["size"]) if mode != "clinical" else None, None,
+                         np.zeros(len(self.feature_names)) if mode != "image" else None)
+                for mode in self.bundle.models]
 
     def warm_up(self) -> None:
-        spec = self.card["input"].get("photo")
-        for mode in {fold.model for fold in self.networks}:
-            image = torch.zeros(3, *spec["size"]) if mode != "clinical" else None
-            clinical = np.zeros(len(self.feature_names)) if mode != "image" else None
-            self.infer([Prepared(mode, image, None, clinical)])
+        super().warm_up()
         _lut("hot"), _lut("jet")  # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
-    def validate(self, request: dict[str, Any]) -> Job:
-        job = super().validate(request)
-        img_path = require_string(request, "img_path", optional=True)
+    image_optional = True
+
+    def validate_options(self, request: dict[str, Any], job: Job) -> None:
+        img_path = job.options["img_path"]
         has_clinical = request.get("clinical") is not None
         if img_path is None and not has_clinical:
             raise ServiceError(INVALID_REQUEST, "a scar request needs 'img_path' (a photo of the scar), 'clinical' "
@@ -128,21 +128,14 @@ class ScarHandler(TaskHandler):
                                                 "or both")
         mode = "combined" if img_path and has_clinical else "image" if img_path else "clinical"
         if not self.folds_of(mode):
-            served = sorted({fold.model for fold in self.networks}, key=scar.MODES.index)
+            served = sorted(self.bundle.models, key=scar.MODES.index)
             raise ServiceError(MODEL_UNAVAILABLE, f"the scar card has no {mode} model (it serves: {', '.join(served)})")
         job.options["mode"] = mode
-        job.options["img_path"] = img_path
         if has_clinical:
             try:
                 job.options["clinical"] = scar.clinical_vector(request["clinical"], self.feature_names)
             except scar.ClinicalFeatureError as exc:
                 raise ServiceError(INVALID_REQUEST, str(exc)) from None
-        if img_path is not None or job.options["dicom"] is not None:  # files to write: a photo's maps, DICOM
-            destination = require_string(request, "destination_path")
-            job.options["folder"] = prepare_destination(destination, self.settings.output_root)
-        else:
-            require_string(request, "destination_path", optional=True)  # accepted, unused: no files without a photo
-        return job
 
     def preprocess(self, job: Job) -> Prepared:
         photo = image = None
@@ -168,9 +161,9 @@ class ScarHandler(TaskHandler):
         raw = np.stack([item.clinical for item in items]) if mode != "image" else None
         clinical = [torch.from_numpy(scar.standardise(raw, fold.scaler)).to(device) if raw is not None else None
                     for fold in folds]
-        with torch.inference_mode(), self.autocast():
-            outputs = [fold.network(*[x for x in (images, rows) if x is not None]) for fold, rows in zip(folds, clinical)]
-        fold_probabilities = torch.stack([torch.softmax(out.float(), dim=1) for out in outputs])
+        outputs = [self.forward(fold.network, *[x for x in (images, rows) if x is not None])
+                   for fold, rows in zip(folds, clinical)]
+        fold_probabilities = torch.stack([torch.softmax(out, dim=1) for out in outputs])
         probabilities = fold_probabilities.mean(0).cpu().numpy().astype(np.float64)
         fold_probabilities = fold_probabilities.cpu().numpy().astype(np.float64)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -179,8 +172,7 @@ class ScarHandler(TaskHandler):
         if images is not None:
             networks = [fold.network if mode == "image" else ClinicalHeld(fold.network, rows)
                         for fold, rows in zip(folds, clinical)]
-            with self.autocast():
-                cams = list(explain.grad_cam(networks, scar.explain_target_layer, images, severity))
+            cams = list(self.forward(explain.grad_cam, networks, scar.explain_target_layer, images, severity, grad=True))
         return [Inferred(probabilities[i], int(severity[i]), cams[i], fold_probabilities[:, i]) for i in range(len(items))]
 
     def postprocess(self, job: Job, prepared: Prepared, inferred: Inferred) -> dict[str, Any]:
