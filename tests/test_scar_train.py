@@ -103,8 +103,8 @@ def test_the_scaler_is_fitted_on_the_training_fold_stored_and_applied_identicall
         index = {item: i for i, item in enumerate(data.items)}
         train_idx = sorted(index[n] for n in split["train"])
         val_idx = sorted(index[n] for n in split["val"])
-        task.dataset(train_idx, True)
-        trained_rows = torch.stack([task.dataset(val_idx, False)[i][0] for i in range(len(val_idx))]).numpy()
+        val_set = task.fold_dataset(val_idx, False, train_idx)
+        trained_rows = torch.stack([val_set[i][0] for i in range(len(val_idx))]).numpy()
         served_rows = scar.standardise(data.features[val_idx], entry["scaler"])
         assert np.array_equal(trained_rows, served_rows)
         # The daemon, serving only this fold, reproduces the trainer's out-of-fold probabilities.
@@ -114,6 +114,24 @@ def test_the_scaler_is_fitted_on_the_training_fold_stored_and_applied_identicall
             prepared = handler.preprocess(handler.validate({"task": "scar", "clinical": values}))
             served = handler.infer([prepared])[0].probabilities
             assert served == pytest.approx([float(oof[name][f"p_{c}"]) for c in scar.LABELS], abs=1e-5)
+
+
+def test_precise_bn_calibrates_on_training_rows_scaled_by_the_training_rows_scaler(phantoms, tmp_path, monkeypatch):
+    # The calibration set once fitted its scaler on the validation rows (it is built unaugmented,
+    # and "unaugmented" used to mean "validation"): validation data leaked into BatchNorm's statistics.
+    import train.common
+
+    calibrated = []
+    recalibrate = train.common.recalibrate_batch_norm
+    monkeypatch.setattr(train.common, "recalibrate_batch_norm",
+                        lambda model, dataset, *a, **k: (calibrated.append(dataset), recalibrate(model, dataset, *a, **k)))
+    assert main(["clinical", str(phantoms), "--out", str(tmp_path / "scar"), *TINY, "--precise-bn", "2"]) == 0
+    features = load_data(phantoms, "clinical").features
+    assert len(calibrated) == 2  # one validation per fold
+    for dataset in calibrated:
+        training_rows_scaler = scar.fit_scaler(features[dataset.indices])
+        assert np.array_equal(dataset.clinical, scar.standardise(features, training_rows_scaler))
+        assert not dataset.augment
 
 
 def test_a_csv_table_with_photos_elsewhere_and_the_seeds_class_folders_are_read(phantoms, tmp_path):

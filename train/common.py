@@ -57,7 +57,10 @@ class TrainTask:
     """Everything task-specific the k-fold loop needs.
 
     ``dataset(indices, train)`` returns a Dataset over those items yielding ``(input, target,
-    index)`` with ``index`` the item's position in ``items``. ``records(outputs, targets,
+    index)`` with ``index`` the item's position in ``items``; ``train`` asks for augmentation
+    and nothing else. A task whose inputs depend on statistics fitted from data (scar's
+    clinical scaler) sets ``dataset_fit_rows`` and is called ``dataset(indices, train,
+    fit_rows)``, ``fit_rows`` being the fold's training rows, for every dataset of the fold. ``records(outputs, targets,
     indices)`` turns a validation batch into small per-item dicts (probabilities, predicted
     class, a Dice...); they are gathered across ranks, written to ``oof_predictions.csv``
     and fed to ``metrics(records) -> dict``, whose ``score_key`` entry (higher is better)
@@ -68,7 +71,7 @@ class TrainTask:
     name: str
     items: list[str]
     strata: list[int]
-    dataset: Callable[[list[int], bool], Dataset]
+    dataset: Callable[..., Dataset]
     build_model: Callable[[], torch.nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     records: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Records]
@@ -88,6 +91,14 @@ class TrainTask:
     keep_last: bool = False
     # Card fields computed from the pooled out-of-fold records and metrics (e.g. an operating threshold).
     card_from_results: Callable[[Records, dict[str, Any]], dict[str, Any]] | None = None
+    # ``dataset`` takes a third argument, the rows its fitted statistics come from (see above).
+    dataset_fit_rows: bool = False
+
+    def fold_dataset(self, indices: list[int], train: bool, fit_rows: list[int]) -> Dataset:
+        """The dataset over ``indices`` of a fold whose training rows are ``fit_rows``."""
+        if self.dataset_fit_rows:
+            return self.dataset(indices, train, fit_rows)  # type: ignore[call-arg]
+        return self.dataset(indices, train)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100, batch_size: int = 4,
@@ -265,8 +276,9 @@ def _train_fold(task: TrainTask, args, context: DistributedContext, fold: int,
     optimizer = task.make_optimizer(model.parameters(), args.lr)
     scheduler = task.make_scheduler(optimizer)
     scaler = torch.amp.GradScaler(context.device.type, enabled=amp)
-    train_set, val_set = task.dataset(train_idx, True), task.dataset(val_idx, False)
-    calibration_set = task.dataset(train_idx, False) if getattr(args, "precise_bn", 0) else None
+    train_set = task.fold_dataset(train_idx, True, train_idx)
+    val_set = task.fold_dataset(val_idx, False, train_idx)
+    calibration_set = task.fold_dataset(train_idx, False, train_idx) if getattr(args, "precise_bn", 0) else None
     sampler = None
     if context.distributed:
         sampler = torch.utils.data.distributed.DistributedSampler(

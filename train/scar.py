@@ -138,12 +138,11 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
     image_shape = (3, *input_spec["size"])
     photos = PhotoStore(data.image_paths, input_spec) if mode != "clinical" else None
     scalers: dict[frozenset, dict] = {}
-    everything = frozenset(range(len(data.items)))
 
-    def dataset(indices, train):
+    def dataset(indices, train, fit_rows):
         clinical = None
         if mode != "image":
-            key = frozenset(indices) if train else everything - frozenset(indices)
+            key = frozenset(fit_rows)
             if key not in scalers:
                 scalers[key] = fold_scaler(data.features, sorted(key))
             clinical = scar.standardise(data.features, scalers[key])
@@ -157,6 +156,7 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
     counts = np.bincount(data.targets, minlength=len(scar.LABELS))
     task = TrainTask(
         name=scar.TASK, items=data.items, strata=data.targets, groups=data.groups, dataset=dataset,
+        dataset_fit_rows=True,
         build_model=build_model, loss=torch.nn.CrossEntropyLoss(),
         records=functools.partial(classification_records, labels=scar.LABELS), metrics=scar_metrics,
         score_key=args.select, report=scar_plots,

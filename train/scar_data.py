@@ -181,7 +181,8 @@ class ScarFold(Dataset):
 
     Packed (combined model): the photo tensor flattened, then the standardised clinical row, in
     one float vector, because the shared trainer moves a single tensor per batch;
-    ``train.scar.PackedLateFusion`` unpacks it.
+    ``train.scar.PackedLateFusion`` unpacks it. The clinical rows are standardised by the caller
+    with the scaler of the fold's training rows, whichever rows this dataset holds.
     """
 
     def __init__(self, indices: Sequence[int], targets: Sequence[int], *, photos: PhotoStore | None = None,
