@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,6 @@ import numpy as np
 import torch
 
 from tasks import scar
-from tasks.nets.late_fusion import LateFusion
 from tasks.weights import load_state_dict
 from train import scar_card
 from train.common import TrainTask, add_training_arguments, run_kfold
@@ -72,26 +70,6 @@ from train.quality import describe, scar_record
 DEFAULTS = {"image": {"epochs": 100}, "clinical": {"epochs": 50}, "combined": {"epochs": 100}}
 
 
-class PackedLateFusion(LateFusion):
-    """LateFusion fed one packed row per sample (photo tensor flattened, then the clinical row).
-
-    The shared trainer moves a single input tensor per batch; the parameters and their names are
-    LateFusion's, so the saved weights load into ``tasks.scar.build_network("combined", ...)``.
-    """
-
-    def __init__(self, architecture: dict[str, Any], image_shape: tuple[int, int, int]) -> None:
-        plain = scar.build_network("combined", architecture)
-        super().__init__(plain.cnn, plain.mlp, num_classes=plain.fc.out_features,
-                         image_weight=plain.image_weight, clinical_weight=plain.clinical_weight)
-        self.fc = plain.fc
-        self.image_shape = tuple(image_shape)
-        self.image_numel = math.prod(self.image_shape)
-
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        image = packed[:, :self.image_numel].reshape(-1, *self.image_shape)
-        return super().forward(image, packed[:, self.image_numel:])
-
-
 def _card_architecture(out: Path, model: str) -> dict[str, Any]:
     card = json.loads((out / "card.json").read_text(encoding="utf-8")) if (out / "card.json").is_file() else {}
     record = card.get("architecture", {}).get(model)
@@ -101,10 +79,10 @@ def _card_architecture(out: Path, model: str) -> dict[str, Any]:
     return record
 
 
-def _branch_initialiser(out: Path, architecture: dict[str, Any], image_shape: tuple[int, int, int]):
+def _branch_initialiser(out: Path, architecture: dict[str, Any]):
     """fold -> a combined network whose branches start from that fold's image and clinical weights."""
     def build(fold: int) -> torch.nn.Module:
-        network = PackedLateFusion(architecture, image_shape)
+        network = scar.build_network("combined", architecture)
         for model, branch in (("image", network.cnn), ("clinical", network.mlp)):
             splits = [json.loads((out / name / "splits.json").read_text(encoding="utf-8")) for name in (model, "combined")]
             if splits[0][fold]["val"] != splits[1][fold]["val"]:
@@ -135,7 +113,6 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
     mode, out = args.mode, Path(args.out)
     architecture = architecture_for(args, len(data.feature_names))
     input_spec = scar.default_input_spec(args.input_size)
-    image_shape = (3, *input_spec["size"])
     photos = PhotoStore(data.image_paths, input_spec) if mode != "clinical" else None
     scalers: dict[frozenset, dict] = {}
 
@@ -149,10 +126,7 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
         return ScarFold(indices, data.targets, photos=photos, clinical=clinical,
                         augment=bool(train and args.augment and photos is not None))
 
-    if mode == "combined":
-        build_model = functools.partial(PackedLateFusion, architecture, image_shape)
-    else:
-        build_model = functools.partial(scar.build_network, mode, architecture)
+    build_model = functools.partial(scar.build_network, mode, architecture)
     counts = np.bincount(data.targets, minlength=len(scar.LABELS))
     task = TrainTask(
         name=scar.TASK, items=data.items, strata=data.targets, groups=data.groups, dataset=dataset,
@@ -184,7 +158,7 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
         },
     )
     if mode == "combined" and getattr(args, "init_from_branches", False):
-        task.fold_model = _branch_initialiser(out, architecture, image_shape)
+        task.fold_model = _branch_initialiser(out, architecture)
     return task
 
 

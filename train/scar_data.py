@@ -177,12 +177,9 @@ def augmented(photo: np.ndarray, generator: torch.Generator | None) -> np.ndarra
 
 
 class ScarFold(Dataset):
-    """One fold's items -> (input, severity, index); input is a photo tensor, a clinical row, or both packed.
-
-    Packed (combined model): the photo tensor flattened, then the standardised clinical row, in
-    one float vector, because the shared trainer moves a single tensor per batch;
-    ``train.scar.PackedLateFusion`` unpacks it. The clinical rows are standardised by the caller
-    with the scaler of the fold's training rows, whichever rows this dataset holds.
+    """One fold's items -> (input, severity, index); input is a photo tensor, a clinical row, or both
+    as ``{"image", "clinical"}`` (LateFusion's arguments). The clinical rows are standardised by the
+    caller with the scaler of the fold's training rows, whichever rows this dataset holds.
     """
 
     def __init__(self, indices: Sequence[int], targets: Sequence[int], *, photos: PhotoStore | None = None,
@@ -197,16 +194,15 @@ class ScarFold(Dataset):
 
     def __getitem__(self, position: int):
         index = self.indices[position]
-        parts = []
+        inputs = {}
         if self.photos is not None:
             photo = self.photos.get(index)
             if self.augment:
                 photo = augmented(photo, self.generator if torch.utils.data.get_worker_info() is None else None)
-            parts.append(scar.photo_tensor(photo, self.photos.input_spec))
+            inputs["image"] = scar.photo_tensor(photo, self.photos.input_spec)
         if self.clinical is not None:
-            parts.append(torch.from_numpy(self.clinical[index]))
-        x = parts[0] if len(parts) == 1 else torch.cat([parts[0].reshape(-1), parts[1]])
-        return x, self.targets[index], index
+            inputs["clinical"] = torch.from_numpy(self.clinical[index])
+        return (inputs if len(inputs) == 2 else next(iter(inputs.values()))), self.targets[index], index
 
 
 def fold_scaler(features: np.ndarray, train_indices: Sequence[int]) -> dict[str, list[float]]:
