@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 from daemon.client import DaemonClient, DaemonError
 from daemon.protocol import TASKS
+from tasks.imaging import is_image_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".bmp"}
 # The reply field that carries each task's headline prediction.
 PREDICTION_FIELDS = ("diagnosis", "severity", "global_score", "areas_px")
 SUMMARY_COLUMNS = ["task", "id", "img_path", "result", "prediction", "label", "paths", "error_code", "error"]
@@ -35,7 +35,7 @@ KEY_COLUMNS = ("task", "id", "img_path")
 def requests_from(source: Path, task: str, out: Path) -> list[dict[str, Any]]:
     """Requests for a JSON-lines file (task/destination filled in when absent) or an image folder."""
     if source.is_dir():
-        images = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in source.rglob("*") if is_image_file(p))
         return [{"task": task, "img_path": str(p.resolve()),
                  "destination_path": str((out / p.parent.relative_to(source)).resolve())} for p in images]
     requests = []

@@ -20,6 +20,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
 DEFAULT_MAX_PIXELS: int = 80_000_000
+# Names taken for images without opening them; any other file is an image when its content is.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 
 # packages that provide pydicom's decoders, by transfer syntax (used in error messages only)
 _PLUGIN_PACKAGES = {
@@ -110,6 +112,28 @@ def read_image_and_header(path: str | os.PathLike, *, color: str = "gray",
     _check_color(color)
     image = decode_image(path, max_pixels=max_pixels)
     return image.as_color(color), image.header
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a folder walk should take ``path`` as an image: a regular file named as one, or whose
+    first bytes open as a DICOM image or a format Pillow knows (a PACS export's DICOMs often have no
+    suffix; its DICOMDIR and reports are DICOM without an image, and are not taken)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return True  # even when damaged: it is reported as unreadable rather than silently skipped
+    try:
+        with _open_regular(path) as f:
+            if _is_dicom(f):
+                _dicom_size(_dicom_header(f))  # raises without Rows and Columns
+                return True
+            Image.open(f).close()
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image, reported as too large when read
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------- file access and detection

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import panoramic_phantom
 from daemon.batch import main as batch_main
+from daemon.batch import requests_from
 from daemon.client import DaemonClient
 
 
@@ -57,3 +58,16 @@ def test_batch_over_a_folder_writes_a_summary_and_a_rerun_only_redoes_what_faile
     assert batch_main(argv) == 1  # only broken.png was sent again, and failed again
     assert (out / "summary.csv").read_text() == first
     assert sorted(out.rglob("*.png")) == files  # no ok request was run twice
+
+
+def test_a_folder_of_a_pacs_export_gives_a_request_per_image_with_or_without_a_suffix(tmp_path):
+    from dicom_factory import phantom, write_dicom
+
+    source = tmp_path / "export"
+    (source / "SER1").mkdir(parents=True)
+    write_dicom(source / "SER1" / "IM0001", phantom(bits=12))
+    Image.fromarray(panoramic_phantom(seed=0)).save(source / "a.png")
+    (source / "DICOMDIR.txt").write_text("index\n")
+    requests = requests_from(source, "osteo", tmp_path / "out")
+    assert [r["img_path"] for r in requests] == [str((source / "SER1" / "IM0001").resolve()), str((source / "a.png").resolve())]
+    assert requests[0]["destination_path"] == str((tmp_path / "out" / "SER1").resolve())

@@ -18,7 +18,7 @@ from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dicom_factory import (dataset_from_pixels, phantom, save, write_dicom,  # noqa: E402
+from dicom_factory import (base_dataset, dataset_from_pixels, phantom, save, write_dicom,  # noqa: E402
                            write_dicom_header_only, write_encapsulated)
 from ljpeg_encoder import encode_lossless_jpeg  # noqa: E402
 
@@ -314,3 +314,20 @@ def test_huge_headers_are_refused_before_decoding(tmp_path):
         read_image(p, max_pixels=H * W - 1)
     assert read_image(p, max_pixels=H * W).shape == (H, W)
     assert DEFAULT_MAX_PIXELS == 80_000_000
+
+
+def test_folder_walks_take_a_pacs_exports_extensionless_dicoms_by_content(tmp_path):
+    pixels = phantom(bits=12)
+    with_preamble = write_dicom(tmp_path / "1.2.840.99.1", pixels)  # a UID name: its "suffix" is ".1"
+    bare = write_dicom(tmp_path / "IM000002", pixels, preamble=False, file_meta=False)
+    Image.fromarray(phantom(bits=8)).save(tmp_path / "scan", format="PNG")
+    (tmp_path / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # named as one: read, and reported
+    (tmp_path / "DICOMDIR.txt").write_text("index of the export\n")
+    (tmp_path / "notes").write_bytes(b"\x08\x00 not a dicom, not an image")
+    directory = base_dataset(H, W)
+    del directory.Rows, directory.Columns
+    save(directory, tmp_path / "DICOMDIR")  # DICOM, but no image
+    (tmp_path / "folder.dcm").mkdir()
+    found = sorted(p.name for p in tmp_path.iterdir() if imaging.is_image_file(p))
+    assert found == ["1.2.840.99.1", "IM000002", "damaged.png", "scan"]
+    assert np.array_equal(read_image(with_preamble), read_image(bare))

@@ -141,6 +141,18 @@ def test_a_c2c3_folder_selects_the_seeds_c1_vs_c2c3_labels(tmp_path):
         train_osteo.find_images(tmp_path)
 
 
+def test_class_folders_take_extensionless_dicoms_and_skip_what_is_not_an_image(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dicom_factory import phantom, write_dicom
+
+    for label in ("C1", "C3"):
+        (tmp_path / label).mkdir()
+        write_dicom(tmp_path / label / "IM0001", phantom(bits=12))
+        (tmp_path / label / "export.log").write_text("sent by the PACS\n")
+    items, targets, labels = train_osteo.find_images(tmp_path)
+    assert items == ["C1/IM0001", "C3/IM0001"] and targets == [0, 1] and labels == ["C1", "C3"]
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         train_osteo.parse_args(["--help"])

@@ -24,11 +24,10 @@ from torch.utils.data import Dataset
 
 from tasks import brixia, brixia_orient
 from tasks.frames import fit_masks_to_model, fit_to_model
-from tasks.imaging import ImageReadError, read_image
+from tasks.imaging import ImageReadError, is_image_file, read_image
 from train.brixia_sources import UNLABELLED, SegCase, case_targets
 from train.common import augmentation_generator
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
 STRUCTURE_FOLDERS = {
     "right_lung": ("right_lung", "rightlung", "right", "rightmask", "right_mask", "right lung", "rl"),
     "left_lung": ("left_lung", "leftlung", "left", "leftmask", "left_mask", "left lung", "ll"),
@@ -66,7 +65,7 @@ def structure_folders(masks_root: str | Path) -> dict[str, Path]:
 def _files_by_stem(folder: Path) -> dict[str, Path]:
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image_file(path):
             stem = path.stem[:-5] if path.stem.lower().endswith("_mask") else path.stem
             files.setdefault(stem, path)
     return files

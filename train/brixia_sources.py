@@ -31,9 +31,8 @@ import cv2
 import numpy as np
 
 from tasks import brixia
-from tasks.imaging import ImageReadError, read_image
+from tasks.imaging import ImageReadError, is_image_file, read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
 JSRT_VALUES = (150, 200, 250)          # right lung, left lung, heart in the SCR-style label maps
 READERS = ("senior", "junior", "mean")
 UNLABELLED = 255                       # a cached mask channel filled with this value was not labelled
@@ -70,7 +69,7 @@ class SegCase:
 def _files(folder: Path) -> dict[str, Path]:
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image_file(path):
             stem = path.stem[:-5] if path.stem.lower().endswith("_mask") else path.stem
             files.setdefault(stem, path)
     return files

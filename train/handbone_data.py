@@ -25,10 +25,9 @@ import torch
 from torch.utils.data import Dataset
 
 from tasks import handbone
-from tasks.imaging import ImageReadError, image_dimensions, read_image
+from tasks.imaging import ImageReadError, image_dimensions, is_image_file, read_image
 from train.common import augmentation_generator
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -47,7 +46,7 @@ def find_cases(data: str | Path) -> list[Case]:
     if not images_root.is_dir() or not json_root.is_dir():
         raise SystemExit(f"{data} must hold DCM/IDxxx/*.png and outputs_json/IDxxx/*.json (the seed's layout)")
     cases, missing = [], []
-    for image in sorted(p for p in images_root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    for image in sorted(p for p in images_root.rglob("*") if is_image_file(p)
                         and not p.name.startswith(".")):
         relative = image.relative_to(images_root)
         annotation = (json_root / relative).with_suffix(".json")

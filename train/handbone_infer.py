@@ -25,10 +25,9 @@ import torch
 from tqdm import tqdm
 
 from tasks import cards, handbone
-from tasks.imaging import read_image
+from tasks.imaging import is_image_file, read_image
 from tasks.bundle import Bundle, load_bundle
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
 
 def load_card(folder: str | Path, device: torch.device, fold: int | None = None) -> Bundle:
@@ -43,7 +42,7 @@ def find_images(test_dir: str | Path) -> list[Path]:
     root = Path(test_dir)
     if (root / "DCM").is_dir():
         root = root / "DCM"
-    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    images = sorted(p for p in root.rglob("*") if is_image_file(p)
                     and not p.name.startswith("."))
     if not images:
         raise SystemExit(f"no images under {root}")

@@ -22,11 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from tasks import kind
-from tasks.imaging import ImageReadError, decode_image
+from tasks.imaging import ImageReadError, decode_image, is_image_file
 from train.common import augmentation_generator
 
 MANIFEST = "manifest.csv"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 # Where each task's phantom generator (train.synthetic) puts its images (masks live elsewhere).
 PHANTOM_IMAGES = {"osteo": ("C1", "C3"), "brixia": ("images",), "handbone": ("DCM",), "scar": ("images",)}
 PLAIN_FAMILY = "plain"
@@ -101,7 +100,7 @@ def phantom_items(folders: Mapping[str, Path], root: Path) -> list[KindItem]:
     items = []
     for task, folder in folders.items():
         for sub in PHANTOM_IMAGES[task]:
-            for path in sorted(p for p in (folder / sub).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in sorted(p for p in (folder / sub).rglob("*") if is_image_file(p)):
                 items.append(KindItem(path.relative_to(root).as_posix(), path, kind.TASK_KINDS[task], f"phantom-{task}",
                                       f"train.synthetic {task}", "synthetic (this project)", False))
     return items

@@ -55,13 +55,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tasks import osteo
+from tasks.imaging import is_image_file
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, augmentation_generator, run_trainer
 from train.metrics import classification_plots, classification_records, records_metrics
 from train.quality import DEFAULT_MARGIN, describe, osteo_record
 from train.reporting import data_source
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 ROTATION_RANGE = (10.0, 30.0)
 
 
@@ -76,7 +76,7 @@ def find_images(data: str | Path) -> tuple[list[str], list[int], list[str]]:
     items, targets = [], []
     for target, label in enumerate(labels):
         files = sorted(p for p in (data / label).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                       if is_image_file(p) and not p.name.startswith("."))
         items += [p.relative_to(data).as_posix() for p in files]
         targets += [target] * len(files)
     counts = Counter(targets)

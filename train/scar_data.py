@@ -20,10 +20,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tasks import scar
-from tasks.imaging import ImageReadError, read_image
+from tasks.imaging import ImageReadError, is_image_file, read_image
 
 TABLE_SUFFIXES = (".xlsx", ".xls", ".csv")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 ID_COLUMN, LABEL_COLUMN = "img_name", "Cls"
 
 
@@ -121,7 +120,7 @@ def read_class_folders(data: Path) -> ScarData:
     items, targets = [], []
     for root in roots:
         for target, name in enumerate(classes):
-            files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in (root / name).rglob("*") if is_image_file(p))
             items += [p.relative_to(data).as_posix() for p in files]
             targets += [target] * len(files)
     if not items:
