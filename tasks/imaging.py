@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
 DEFAULT_MAX_PIXELS: int = 80_000_000
@@ -326,29 +326,58 @@ def _dicom_to_uint8(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
         if arr.dtype == np.uint8:
             return arr
         return window_to_uint8(arr, float(arr.min()), float(arr.max()))
-    values, low, high = _gray_window(arr, ds)
+    padding = _padding_mask(arr, ds)
+    values, low, high = _gray_window(arr, ds, padding)
     out = window_to_uint8(values, low, high)
-    return 255 - out if photometric == "MONOCHROME1" else out
+    # PS3.3 C.11.6.1: a MONOCHROME2 image may still ask to be shown inverted; in a MONOCHROME1
+    # image INVERSE restates the same inversion (DX requires it there), so it is applied once.
+    if photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE":
+        out = 255 - out
+    if padding is not None:
+        out[padding] = 0  # padding is the background, not anatomy: black
+    return out
 
 
-def _gray_window(arr: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, float, float]:
-    """Modality LUT / rescale, then VOI LUT or the first window, else min-max (8-bit data: as stored)."""
+def _padding_mask(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding Value (up to Pixel Padding Range Limit), PS3.3 C.7.5.1.1.2."""
+    value = _first_float(ds.get("PixelPaddingValue"))
+    if value is None:
+        return None
+    limit = _first_float(ds.get("PixelPaddingRangeLimit"))
+    low, high = sorted((value, value if limit is None else limit))
+    mask = (arr >= low) & (arr <= high)
+    return mask if mask.any() else None
+
+
+def _gray_window(arr: np.ndarray, ds: pydicom.Dataset,
+                 padding: np.ndarray | None) -> tuple[np.ndarray, float, float]:
+    """Modality LUT / rescale, then the VOI LUT or first window (pydicom's, SIGMOID included) and the
+    range it maps onto, else min-max over the non-padding pixels (8-bit data: as stored)."""
     has_modality = "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds
     values = apply_modality_lut(arr, ds) if has_modality else arr
     if "VOILUTSequence" in ds:
         n_entries, first_mapped = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
         table = apply_voi_lut(np.arange(first_mapped, first_mapped + (n_entries or 65536)), ds, index=0)
         return apply_voi_lut(values, ds, index=0), float(table.min()), float(table.max())
-    center, width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
-    if center is not None and width is not None:
-        if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "LINEAR_EXACT" and width > 0:
-            return values, center - width / 2, center + width / 2
-        if width >= 1:  # DICOM PS3.3 C.11.2.1.2 linear window
-            return values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    if _first_float(ds.get("WindowCenter")) is not None and _first_float(ds.get("WindowWidth")) is not None:
+        try:
+            windowed = apply_windowing(values, ds, index=0)
+            with np.errstate(over="ignore"):  # SIGMOID's tails, probed at +-1e300
+                low, high = (float(v) for v in apply_windowing(np.array([-1e300, 1e300]), ds, index=0))
+        except (ValueError, AttributeError, TypeError):  # a width its function cannot use, an unknown function
+            pass
+        else:
+            # pydicom maps the window onto the stored (or rescaled) value range, reversed when the slope is negative
+            return (windowed, low, high) if high > low else (-windowed, -low, -high)
     if not has_modality and int(ds.get("BitsStored", 8)) <= 8 and arr.dtype.itemsize == 1:
         low = -128.0 if arr.dtype.kind == "i" else 0.0
         return values, low, low + 255
-    return values, float(np.min(values)), float(np.max(values))
+    shown = values[~padding] if padding is not None and not padding.all() else values
+    return values, float(np.min(shown)), float(np.max(shown))
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().upper()
 
 
 def _first_float(value: object) -> float | None:

@@ -175,6 +175,51 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     assert np.array_equal(out, window_to_uint8(lut[ph], float(lut.min()), float(lut.max())))
 
 
+def test_a_sigmoid_voi_lut_function_is_the_dicom_sigmoid_not_a_linear_ramp(tmp_path):
+    ph = phantom(bits=12)
+    center, width = 2000.0, 1500.0
+    ds = dataset_from_pixels(ph, bits_stored=12, window=(center, width))
+    ds.VOILUTFunction = "SIGMOID"
+    out = read_image(save(ds, tmp_path / "sigmoid.dcm"))
+    expected = np.rint(255 / (1 + np.exp(-4 * (ph - center) / width))).astype(np.uint8)  # PS3.3 C.11.2.1.3.1
+    assert np.abs(out.astype(int) - expected).max() <= 1  # float noise at .5 ties only
+    linear = read_image(write_dicom(tmp_path / "linear.dcm", ph, bits_stored=12, window=(center, width)))
+    at_top = ph >= center + width / 2  # a linear window is white there; the sigmoid is not yet
+    assert at_top.any() and (linear[at_top] == 255).all() and (out[at_top] < 255).any()
+
+
+def test_padding_pixels_neither_set_the_window_nor_show_as_anything_but_black(tmp_path):
+    body = np.minimum(phantom(bits=12), 3000)  # the disc would otherwise touch the padding value
+    padded = body.copy()
+    padded[:, :10] = 4095  # the detector's unexposed border, stored as white
+    ds = dataset_from_pixels(padded, bits_stored=12)
+    ds.PixelPaddingValue = 4095
+    out = read_image(save(ds, tmp_path / "pad.dcm"))
+    assert (out[:, :10] == 0).all()
+    assert np.array_equal(out[:, 10:], minmax(body[:, 10:]))  # the window is the body's alone
+    # MONOCHROME1, a padding range: still black after the inversion.
+    inverted = 4095 - body
+    inverted[:5] = padding = np.arange(5 * W).reshape(5, W) % 3  # padding 0..2
+    ds = dataset_from_pixels(inverted.astype(np.uint16), bits_stored=12, photometric="MONOCHROME1")
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 2
+    out = read_image(save(ds, tmp_path / "pad1.dcm"))
+    assert padding.max() == 2 and inverted[5:].min() > 2 and (out[:5] == 0).all()
+    assert np.array_equal(out[5:], 255 - minmax(inverted[5:]))
+
+
+def test_presentation_lut_shape_inverse_inverts_monochrome2_once_and_restates_monochrome1(tmp_path):
+    ph = phantom(bits=12)
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", ph, bits_stored=12))
+    ds = dataset_from_pixels(ph, bits_stored=12)
+    ds.PresentationLUTShape = "INVERSE"
+    assert np.array_equal(read_image(save(ds, tmp_path / "inverse2.dcm")), 255 - plain)
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", ph, bits_stored=12, photometric="MONOCHROME1"))
+    ds = dataset_from_pixels(ph, bits_stored=12, photometric="MONOCHROME1")
+    ds.PresentationLUTShape = "INVERSE"  # what DX requires of every MONOCHROME1 image: no second inversion
+    assert np.array_equal(read_image(save(ds, tmp_path / "inverse1.dcm")), m1)
+    assert np.array_equal(m1, 255 - plain)
+
+
 def test_dicom_without_preamble_and_file_meta_is_readable(tmp_path):
     ph = phantom(bits=12)
     ref = read_image(write_dicom(tmp_path / "ref.dcm", ph))
