@@ -55,7 +55,7 @@ def median_ms(fn, runs: int) -> float:
 
 def stage_latency(weights: Path, image: Path, runs: int) -> dict[str, float]:
     """Median ms of each stage of one osteo request through the handler of the tree imported."""
-    from daemon import explain
+    from daemon import rendering
     from daemon.handlers.base import Settings
     from daemon.outputs import encode_png
     from daemon.registry import load_registry
@@ -89,11 +89,11 @@ def stage_latency(weights: Path, image: Path, runs: int) -> dict[str, float]:
         prepared.method = method
         results[f"infer: probabilities + {method}"] = median_ms(lambda: handler.infer([prepared]), runs)
     inferred = handler.infer([prepared])[0]
-    results["heat map: colours + PNG encode"] = median_ms(lambda: encode_png(explain.heat_rgba(inferred.heat)), runs)
+    results["heat map: colours + PNG encode"] = median_ms(lambda: encode_png(rendering.heat_rgba(inferred.heat)), runs)
     results["seed overlay: colours + PNG encode"] = median_ms(
-        lambda: encode_png(explain.seed_overlay(prepared.shown, inferred.heat)), runs)
+        lambda: encode_png(rendering.seed_overlay(prepared.shown, inferred.heat)), runs)
     results["Grad-CAM overlay: colours + PNG encode"] = median_ms(
-        lambda: encode_png(explain.heat_overlay(prepared.shown, inferred.heat)), runs)
+        lambda: encode_png(rendering.heat_overlay(prepared.shown, inferred.heat)), runs)
     results["postprocess (saliency; 2 PNGs written)"] = median_ms(lambda: handler.postprocess(job, prepared, inferred), runs)
     for method in ("gradcam", "saliency"):
         job.options["explain"] = method

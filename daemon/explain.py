@@ -1,12 +1,11 @@
 """Explanation maps for classifiers: Grad-CAM (pytorch-grad-cam) and the osteo seed's input saliency.
 
 Both return one map per image in [0, 1] at the network's input size, for the class the
-ensemble predicted, averaged over the fold models. ``heat_rgba`` and ``seed_overlay`` turn a
-map into the seed's two PNGs.
+ensemble predicted, averaged over the fold models; ``daemon.rendering`` turns a map into
+pictures.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -162,71 +161,3 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
     for fold_maps in maps:
         total_t += torch.from_numpy(fold_maps).to(batch.device)
     return mean, predicted, _normalise((total_t / len(networks)).cpu().numpy()), per_network
-
-
-@lru_cache(maxsize=1)
-def _hot_tables() -> tuple[np.ndarray, np.ndarray]:
-    """matplotlib ``hot`` as tables indexed like ``_hot_index``: RGBA floats, and those as uint8
-    (``round(255 * value)``); the last row is the colour of NaN ("bad")."""
-    from matplotlib import colormaps
-
-    hot = colormaps["hot"]
-    rgba = np.concatenate([hot(np.arange(hot.N)), hot(np.array([np.nan]))])
-    return rgba, (rgba * 255).round().astype(np.uint8)
-
-
-def _hot_index(values: np.ndarray) -> np.ndarray:
-    """The ``hot`` table row of each value of a [0, 1] map, computed as matplotlib's Colormap
-    does (scale by N in the map's own dtype, N itself maps to N - 1, truncate), so that a table
-    look-up gives its colours bit for bit, without its float64 RGBA array per pixel."""
-    n = len(_hot_tables()[0]) - 1
-    scaled = np.clip(values, 0, 1)
-    scaled *= n
-    scaled[scaled == n] = n - 1
-    bad = np.isnan(scaled)
-    with np.errstate(invalid="ignore"):
-        index = scaled.astype(np.intp)
-    index[bad] = n
-    return index
-
-
-def heat_rgba(saliency: np.ndarray) -> np.ndarray:
-    """The seed's heat map image: matplotlib ``hot`` colormap of a [0, 1] map, RGBA uint8."""
-    index = _hot_index(saliency)
-    pixels = _hot_tables()[1].view(np.uint32)[:, 0][index]  # one 4-byte gather per pixel
-    return pixels.view(np.uint8).reshape(index.shape + (4,))
-
-
-@lru_cache(maxsize=1)
-def _seed_overlay_tables() -> tuple[np.ndarray, np.ndarray]:
-    """The seed overlay's 8-bit output per (gray level, ``hot`` row) for red and per gray level
-    for green and blue, computed with the float32 steps of the seed's formula."""
-    gray = np.arange(256, dtype=np.float32)[:, None] / 255.0
-    red = _hot_tables()[0][:, 0].astype(np.float32)[None, :]
-    red = np.where(red < 0.3, 0.0, red) * 1.5
-    red_out = (np.clip(gray + red, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return red_out, (gray[:, 0] * 255).round().astype(np.uint8)
-
-
-def seed_overlay(gray: np.ndarray, saliency: np.ndarray) -> np.ndarray:
-    """The seed's overlay: the input (gray as RGB) plus 1.5x the hot map's red channel where it is
-    at least 0.3, clipped; only red is added, so anatomy stays readable under the highlight.
-    Each output pixel depends only on its gray level and ``hot`` row: two table look-ups."""
-    red, plain = _seed_overlay_tables()
-    out = np.empty(gray.shape + (3,), np.uint8)
-    out[..., 0] = red[gray, _hot_index(saliency)]
-    out[..., 1] = out[..., 2] = plain[gray]
-    return out
-
-
-def heat_overlay(image: np.ndarray, heat: np.ndarray, strength: float = 0.6) -> np.ndarray:
-    """Grad-CAM over the image: the ``hot`` colour blended in with opacity ``strength * heat``, so
-    cold regions keep the image as it is (Grad-CAM maps are broad; the seed's additive red would
-    paint most of the picture). ``image`` is gray (H, W) or RGB (H, W, 3) uint8."""
-    base = image.astype(np.float32) / 255.0
-    if base.ndim == 2:
-        base = base[..., None]  # broadcast over the colours: the same values as three copies
-    heat = np.clip(heat, 0, 1).astype(np.float32)
-    colour = _hot_tables()[0][:, :3].astype(np.float32)[_hot_index(heat)]
-    alpha = (strength * heat)[..., None]
-    return ((base * (1 - alpha) + colour * alpha) * 255).round().astype(np.uint8)

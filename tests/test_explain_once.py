@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon import explain
+from daemon import explain, rendering
 from tasks import osteo
 
 
@@ -66,10 +66,10 @@ def test_colour_tables_give_matplotlibs_colours(values):
     from matplotlib import colormaps
 
     values = np.append(values, np.nan).reshape(1, -1)
-    np.testing.assert_array_equal(explain.heat_rgba(values),
+    np.testing.assert_array_equal(rendering.heat_rgba(values),
                                   (colormaps["hot"](np.clip(values, 0, 1)) * 255).round().astype(np.uint8))
     gray = (np.arange(values.size) % 256).astype(np.uint8).reshape(values.shape)
     base = np.repeat((gray.astype(np.float32) / 255.0)[..., None], 3, axis=2)
     red = colormaps["hot"](np.clip(values, 0, 1))[..., 0].astype(np.float32)
     base[..., 0] = np.clip(base[..., 0] + np.where(red < 0.3, 0.0, red) * 1.5, 0.0, 1.0)
-    np.testing.assert_array_equal(explain.seed_overlay(gray, values), (base * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(rendering.seed_overlay(gray, values), (base * 255).round().astype(np.uint8))

@@ -17,7 +17,6 @@ it would be a number without meaning.
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from pydicom.sr.codedict import codes
 
 from daemon import dicom_content as dicom
-from daemon import explain
+from daemon import rendering
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler, raised
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
@@ -98,7 +97,7 @@ class BrixiaHandler(TaskHandler):
 
     def warm_up(self) -> None:
         super().warm_up()
-        explain.heat_rgba(np.zeros((2, 2), np.float32))   # matplotlib's import, paid now
+        rendering.heat_rgba(np.zeros((2, 2), np.float32))   # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
     def validate_options(self, request: dict[str, Any], job: Job) -> None:
@@ -215,7 +214,8 @@ class BrixiaHandler(TaskHandler):
         geometry, folder, stamp = prepared.geometry, job.options["folder"], timestamp()
         stem = output_stem(job.options["img_path"])
         masks = masks_at_input(inferred.masks.astype(np.float32), geometry)
-        mask_path = write_bytes(folder, f"{stem}_mask_{stamp}", ".png", label_palette_png(brixia.label_map(masks)))
+        mask_png = rendering.palette_png(brixia.label_map(masks), [STRUCTURE_COLOURS[name] for name in brixia.STRUCTURES])
+        mask_path = write_bytes(folder, f"{stem}_mask_{stamp}", ".png", mask_png)
         regions = self.regions_at_input(inferred, geometry)
         overlay = region_overlay(prepared.gray, masks, regions, scores)
         overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
@@ -224,7 +224,7 @@ class BrixiaHandler(TaskHandler):
         if inferred.cams is not None:
             cams = probabilities_at_input(inferred.cams, geometry)
             cam_paths = {region: str(write_png(folder, f"{stem}_cam{region}_{stamp}",
-                                               explain.heat_overlay(prepared.gray, cams[r])))
+                                               rendering.heat_overlay(prepared.gray, cams[r])))
                          for r, region in enumerate(brixia.REGIONS)}
         return {
             "region_scores": region_scores,
@@ -280,42 +280,17 @@ def score_uncertainty(fold_probabilities: np.ndarray) -> dict[str, Any]:
     return record
 
 
-def label_palette_png(labels: np.ndarray) -> bytes:
-    """uint8 labels 0-3 as palette PNG bytes: the pixel values are the labels, viewers show colours."""
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="L")
-    palette = [0, 0, 0, *STRUCTURE_COLOURS["right_lung"], *STRUCTURE_COLOURS["left_lung"], *STRUCTURE_COLOURS["heart"]]
-    image.putpalette(palette + [0] * (768 - len(palette)))   # L -> P, pixel values kept
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def region_overlay(gray: np.ndarray, masks: np.ndarray, regions: np.ndarray, scores: np.ndarray,
                    alpha: float = 0.25) -> np.ndarray:
     """RGB X-ray with each region tinted by its score's colour and labelled ``A:2``, lungs and heart outlined."""
-    image = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
-    height, width = gray.shape
-    line = max(1, round(min(height, width) / 300))
-    for region, score in zip(regions, scores):
-        image[region] = image[region] * (1 - alpha) + np.array(SCORE_COLOURS[int(score)], np.float32) * alpha
-    overlay = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    overlay = rendering.tinted(gray, regions, [SCORE_COLOURS[int(score)] for score in scores], alpha)
+    line = max(1, round(min(gray.shape) / 300))
     for mask, name in zip(masks, brixia.STRUCTURES):
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, STRUCTURE_COLOURS[name], line, lineType=cv2.LINE_AA)
-    scale = max(0.4, min(height, width) / 700)
+        rendering.outline(overlay, mask, STRUCTURE_COLOURS[name], line)
+    scale = max(0.4, min(gray.shape) / 700)
     thickness = max(1, round(scale * 2))
     for region, letter, score in zip(regions, brixia.REGIONS, scores):
-        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, (255, 255, 255), max(1, line // 2), lineType=cv2.LINE_AA)
-        if not region.any():
-            continue
-        rows, cols = np.nonzero(region)
-        text = f"{letter}:{int(score)}"
-        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-        x, y = int(cols.mean()) - w // 2, int(rows.mean()) + h // 2
-        cv2.putText(overlay, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
-        cv2.putText(overlay, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, SCORE_COLOURS[int(score)], thickness,
-                    cv2.LINE_AA)
+        rendering.outline(overlay, region, (255, 255, 255), max(1, line // 2))
+        if region.any():
+            rendering.caption(overlay, region, f"{letter}:{int(score)}", SCORE_COLOURS[int(score)], scale, thickness)
     return overlay

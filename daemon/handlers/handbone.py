@@ -13,7 +13,6 @@ training JSON's ``{"annotations": [{"label", "points", ...}]}``), ``areas_px`` (
 """
 from __future__ import annotations
 
-import colorsys
 import csv
 import io
 import json
@@ -21,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pydicom.sr.codedict import codes
 
 from daemon import dicom_content as dicom
+from daemon import rendering
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
@@ -111,7 +110,7 @@ class HandboneHandler(TaskHandler):
         stem = output_stem(job.options["img_path"])
         image_name = Path(job.options["img_path"]).name
         masks_path = write_bytes(folder, f"{stem}_masks_{stamp}", ".npz", masks_npz(masks, classes))
-        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", label_overlay(prepared.gray, masks, classes))
+        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", rendering.label_overlay(prepared.gray, masks, classes))
         csv_path = write_bytes(folder, f"{stem}_rle_{stamp}", ".csv", rle_csv(image_name, masks, classes))
         polygons = {"image_name": image_name, "height": int(masks.shape[1]), "width": int(masks.shape[2]),
                     "annotations": handbone.polygon_annotations(masks, classes)}
@@ -177,53 +176,3 @@ def rle_csv(image_name: str, masks: np.ndarray, classes: list[str]) -> bytes:
     writer.writerow(["image_name", "class", "rle"])
     writer.writerows(handbone.rle_rows(image_name, masks, classes))
     return buffer.getvalue().encode("utf-8")
-
-
-def palette(count: int) -> list[tuple[int, int, int]]:
-    """``count`` well-separated RGB colours (golden-ratio hue steps, alternating lightness)."""
-    colours = []
-    for k in range(count):
-        r, g, b = colorsys.hls_to_rgb((k * 0.618034) % 1.0, 0.5 if k % 2 else 0.62, 0.95)
-        colours.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colours
-
-
-def label_overlay(gray: np.ndarray, masks: np.ndarray, classes: list[str], alpha: float = 0.45) -> np.ndarray:
-    """RGB image at the input's size: every bone tinted and outlined in its colour, a legend at the top right."""
-    image = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
-    height, width = gray.shape
-    colours = palette(len(classes))
-    line = max(1, round(min(height, width) / 400))
-    outlines = []
-    for mask, colour in zip(masks, colours):
-        if not mask.any():
-            continue
-        x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
-        window, inside = image[y:y + h, x:x + w], mask[y:y + h, x:x + w]
-        window[inside] = window[inside] * (1 - alpha) + np.array(colour, np.float32) * alpha
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        outlines.append((contours, colour))
-    overlay = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    for contours, colour in outlines:
-        cv2.drawContours(overlay, contours, -1, colour, line, lineType=cv2.LINE_AA)
-    draw_legend(overlay, classes, colours)
-    return overlay
-
-
-def draw_legend(image: np.ndarray, classes: list[str], colours: list[tuple[int, int, int]]) -> None:
-    """Draw a swatch + name per class in a dark box at the top right, scaled to the image's height."""
-    height, width = image.shape[:2]
-    row = max(4, min(36, height // (len(classes) + 2)))
-    scale = row / 32
-    thickness = max(1, round(row / 18))
-    text_width = max(cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] for name in classes)
-    box_w = min(width, row + text_width + row // 2 + 6)
-    box_h = min(height, row * len(classes) + row // 2)
-    x0 = width - box_w
-    region = image[:box_h, x0:]
-    region[:] = (region.astype(np.float32) * 0.35).astype(np.uint8)
-    for k, (name, colour) in enumerate(zip(classes, colours)):
-        top = row // 4 + k * row
-        cv2.rectangle(image, (x0 + 3, top + 1), (x0 + 3 + row - 3, top + row - 2), colour, -1)
-        cv2.putText(image, name, (x0 + row + 4, top + row - max(1, row // 5)), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (255, 255, 255), thickness, cv2.LINE_AA)

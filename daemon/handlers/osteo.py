@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from daemon import dicom_content as dicom
-from daemon import explain
+from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_png
@@ -58,7 +58,7 @@ class OsteoHandler(TaskHandler):
         rolling_ball_numba.start_compiling()  # in the background: numpy serves until it is loaded
         super().warm_up()
         blank = np.zeros((2, 2), np.uint8)
-        explain.heat_rgba(blank.astype(np.float32)), explain.seed_overlay(blank, blank.astype(np.float32))
+        rendering.heat_rgba(blank.astype(np.float32)), rendering.seed_overlay(blank, blank.astype(np.float32))
 
     def validate_options(self, request: dict[str, Any], job: Job) -> None:
         method = request.get("explain", self.settings.explain)
@@ -91,10 +91,10 @@ class OsteoHandler(TaskHandler):
         folder = job.options["folder"]
         stem = output_stem(job.options["img_path"])
         stamp = timestamp()
-        heat_path = write_png(folder, f"{stem}_saliency_{stamp}", explain.heat_rgba(inferred.heat))
+        heat_path = write_png(folder, f"{stem}_saliency_{stamp}", rendering.heat_rgba(inferred.heat))
         # The seed's additive red overlay suits its sparse saliency; Grad-CAM is blended instead.
-        overlay = (explain.seed_overlay(prepared.shown, inferred.heat) if prepared.method == "saliency"
-                   else explain.heat_overlay(prepared.shown, inferred.heat))
+        overlay = (rendering.seed_overlay(prepared.shown, inferred.heat) if prepared.method == "saliency"
+                   else rendering.heat_overlay(prepared.shown, inferred.heat))
         overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
         job.artifacts.update(overlay=overlay, stamp=stamp)
         return {

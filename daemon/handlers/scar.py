@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from daemon import dicom_content as dicom
-from daemon import explain
+from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_png
@@ -54,26 +54,6 @@ class Inferred:
     severity: int
     cam: np.ndarray | None           # (h, w) in [0, 1] at network input size
     fold_probabilities: np.ndarray | None = None  # (folds, 4) of the answering model
-
-
-@functools.lru_cache(maxsize=None)
-def _lut(name: str) -> np.ndarray:
-    """A matplotlib colormap as a 256-entry RGBA uint8 table: identical colours, no float image of the photo's size."""
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.arange(256)) * 255).round().astype(np.uint8)
-
-
-def _lut_index(cam: np.ndarray) -> np.ndarray:
-    # What a 256-colour matplotlib colormap does with floats in [0, 1]: floor(x * 256), 1.0 -> 255.
-    return np.minimum((np.clip(cam, 0, 1) * 256).astype(np.int32), 255)
-
-
-def photo_overlay(photo: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """The photo with the jet-coloured CAM blended in, opacity growing with the CAM."""
-    colours = _lut("jet")[_lut_index(cam), :3].astype(np.float32)
-    alpha = (OVERLAY_ALPHA * np.clip(cam, 0, 1))[..., None].astype(np.float32)
-    return np.clip(photo.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5, 0, 255).astype(np.uint8)
 
 
 class ScarHandler(TaskHandler):
@@ -114,7 +94,7 @@ class ScarHandler(TaskHandler):
 
     def warm_up(self) -> None:
         super().warm_up()
-        _lut("hot"), _lut("jet")  # matplotlib's import, paid now
+        rendering.colormap_tables("hot"), rendering.colormap_tables("jet")  # matplotlib's import, paid now
 
     # --- the four steps --------------------------------------------------------------------
     image_optional = True
@@ -185,8 +165,8 @@ class ScarHandler(TaskHandler):
             height, width = prepared.photo.shape[:2]
             cam = cv2.resize(inferred.cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
             folder, stem, stamp = job.options["folder"], output_stem(job.options["img_path"]), timestamp()
-            fields["cam_img_path"] = str(write_png(folder, f"{stem}_cam_{stamp}", _lut("hot")[_lut_index(cam)]))
-            overlay = photo_overlay(prepared.photo, cam)
+            fields["cam_img_path"] = str(write_png(folder, f"{stem}_cam_{stamp}", rendering.heat_rgba(cam)))
+            overlay = rendering.photo_overlay(prepared.photo, cam, OVERLAY_ALPHA)
             fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}", overlay))
             job.artifacts.update(overlay=overlay, stamp=stamp)
         fields["quality"] = quality.assess(prepared.measures, self.card.get("quality"))

@@ -1,0 +1,39 @@
+"""The one rendering module: any colour map gives matplotlib's colours, palette PNGs keep their labels."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon import rendering
+
+
+@pytest.mark.parametrize("name", ["hot", "jet"])
+def test_heat_rgba_gives_matplotlibs_colours_for_every_colour_map(name):
+    from matplotlib import colormaps
+
+    values = np.append(np.linspace(-0.2, 1.2, 4097, dtype=np.float32), np.float32(np.nan)).reshape(1, -1)
+    np.testing.assert_array_equal(rendering.heat_rgba(values, name),
+                                  (colormaps[name](np.clip(values, 0, 1)) * 255).round().astype(np.uint8))
+
+
+def test_palette_png_keeps_the_labels_and_shows_their_colours():
+    labels = np.arange(12, dtype=np.uint8).reshape(3, 4) % 4
+    colours = [(40, 140, 255), (60, 220, 90), (255, 60, 60)]
+    with Image.open(io.BytesIO(rendering.palette_png(labels, colours))) as image:
+        assert image.mode == "P"
+        np.testing.assert_array_equal(np.asarray(image), labels)
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB"))[0, 1:4], colours)
+
+
+def test_label_overlay_tints_outlines_and_keeps_the_rest_of_the_image():
+    gray = np.full((400, 600), 100, np.uint8)
+    masks = np.zeros((2, 400, 600), bool)
+    masks[0, 300:360, 10:60] = True
+    overlay = rendering.label_overlay(gray, masks, ["first", "second"])
+    first = np.array(rendering.distinct_colours(2)[0], np.float32)
+    np.testing.assert_array_equal(overlay[330, 35], np.rint(100 * 0.55 + first * 0.45).astype(np.uint8))
+    assert (overlay[390, 300] == 100).all()                     # far from the mask and the legend
+    assert (overlay[2, -5] < 100).all()                       # the legend's dark box, top right
