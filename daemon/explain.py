@@ -1,8 +1,10 @@
-"""Explanation maps for classifiers: Grad-CAM (pytorch-grad-cam) and the osteo seed's input saliency.
+"""Explanation maps, the daemon's one Grad-CAM path: pytorch-grad-cam, per-target Grad-CAM of a feature map, saliency.
 
-Both return one map per image in [0, 1] at the network's input size, for the class the
-ensemble predicted, averaged over the fold models; ``daemon.rendering`` turns a map into
-pictures.
+Each returns one map per image (per target) in [0, 1] at the network's input size, averaged
+over the fold models; ``daemon.rendering`` turns a map into pictures. Classifiers (osteo, scar)
+explain the predicted class through pytorch-grad-cam; brixia's six region heads read one shared
+feature map, so ``feature_grad_cam`` takes that map and the six scores from one forward
+(pytorch-grad-cam would run a forward and a backward per region).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 EXPLAIN_METHODS = ("gradcam", "saliency")
 
@@ -65,6 +68,27 @@ def _grad_cam_fold(network: torch.nn.Module, target_layer_of: Callable[[torch.nn
 def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A float32 tensor as it is (no copy: float32 results stay bit-identical), anything else cast."""
     return tensor.float()
+
+
+def feature_grad_cam(feature: torch.Tensor, scores: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """Grad-CAM ``(B, T, H, W)`` on the CPU, not normalised, of each scalar in ``scores`` (T targets,
+    each summed over the batch) with respect to ``feature`` ``(B, C, h, w)``, the leaf tensor the
+    forward that made them started from: one backward per target and no forward again. The maps
+    are those of ``GradCAM`` (channel weights = mean gradient, ReLU of the weighted sum), upsampled
+    bilinearly to ``size``, in float32 whatever the forward's dtype."""
+    maps = torch.zeros(feature.shape[0], len(scores), *size)
+    activations = feature.detach().float()
+    for t, score in enumerate(scores):
+        (grad,) = torch.autograd.grad(score, feature, retain_graph=t < len(scores) - 1)
+        weights = grad.float().mean((-2, -1), keepdim=True)
+        cam = F.relu((weights * activations).sum(1, keepdim=True))
+        maps[:, t] = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0].cpu()
+    return maps
+
+
+def normalised(maps: np.ndarray) -> np.ndarray:
+    """Min-max each ``(H, W)`` map of ``(..., H, W)`` to [0, 1]; a flat map becomes all zeros."""
+    return _normalise(maps.reshape(-1, *maps.shape[-2:])).reshape(maps.shape)
 
 
 def input_saliency(networks: Sequence[torch.nn.Module], batch: torch.Tensor, classes: Sequence[int]) -> np.ndarray:

@@ -73,3 +73,22 @@ def test_colour_tables_give_matplotlibs_colours(values):
     red = colormaps["hot"](np.clip(values, 0, 1))[..., 0].astype(np.float32)
     base[..., 0] = np.clip(base[..., 0] + np.where(red < 0.3, 0.0, red) * 1.5, 0.0, 1.0)
     np.testing.assert_array_equal(rendering.seed_overlay(gray, values), (base * 255).round().astype(np.uint8))
+
+
+def test_feature_grad_cam_is_pytorch_grad_cams_map_for_every_target_from_one_forward():
+    """brixia's path (all region targets from one forward, differentiated w.r.t. the shared feature
+    map) draws the maps pytorch-grad-cam draws target by target (float rounding aside)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 3, stride=4, padding=1))
+    network = torch.nn.Sequential(trunk, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    batch = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
+    feature = trunk(batch).detach().requires_grad_(True)
+    logits = network[1:](feature)
+    targets = [torch.tensor([0, 2]), torch.tensor([1, 1])]
+    scores = [logits.gather(1, classes[:, None]).sum() for classes in targets]
+    maps = explain.normalised(explain.feature_grad_cam(feature, scores, (48, 64)).numpy())
+    assert maps.shape == (2, 2, 48, 64)
+    for t, classes in enumerate(targets):
+        library = explain.grad_cam([network], lambda net: net[0], batch, classes.tolist())
+        np.testing.assert_allclose(maps[:, t], library, atol=1e-4)

@@ -6,7 +6,8 @@ align (the card's STN, else the mask-derived affine; request ``alignment``: ``au
 | ``none``), cut regions A-F on the aligned lungs, score with every scorer fold (mean
 probability). Grad-CAM per region: the gradient of that region head's predicted score with
 respect to the trunk's last feature map; since the heads only pool that map, one forward per
-fold gives all six maps (pytorch-grad-cam would run six forward+backward passes).
+fold gives all six maps (``explain.feature_grad_cam``; pytorch-grad-cam would run six forward +
+backward passes).
 
 Outputs, all at the input's own size: ``mask_img_path`` (palette PNG: 0 background, 1 right
 lung, 2 left lung, 3 heart), ``overlay_img_path`` (structure outlines, regions and their scores
@@ -23,11 +24,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydicom.sr.codedict import codes
 
 from daemon import dicom_content as dicom
-from daemon import rendering
+from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler, raised
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
@@ -190,19 +190,11 @@ class BrixiaHandler(TaskHandler):
         if not any(want_cams):
             return probabilities.cpu().numpy(), per_fold.cpu().numpy(), None
         predicted = self.decide(probabilities)                                 # (B, 6)
-        size = inputs["image"].shape[-2:]
-        cams = torch.zeros(inputs["image"].shape[0], len(brixia.REGIONS), *size)
+        cams = torch.zeros(inputs["image"].shape[0], len(brixia.REGIONS), *inputs["image"].shape[-2:])
         for feature, out in zip(features, logits):
-            for r in range(len(brixia.REGIONS)):
-                target = out[:, r].gather(1, predicted[:, r:r + 1]).sum()
-                (grad,) = torch.autograd.grad(target, feature, retain_graph=r < len(brixia.REGIONS) - 1)
-                weights = grad.float().mean((-2, -1), keepdim=True)
-                cam = F.relu((weights * feature.detach().float()).sum(1, keepdim=True))
-                cams[:, r] += F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
-        flat = cams.flatten(2)
-        low, high = flat.min(-1).values[..., None, None], flat.max(-1).values[..., None, None]
-        cams = torch.where(high > low, (cams - low) / (high - low).clamp_min(1e-12), torch.zeros_like(cams))
-        return probabilities.cpu().numpy(), per_fold.cpu().numpy(), cams.numpy()
+            region_scores = [out[:, r].gather(1, predicted[:, r:r + 1]).sum() for r in range(len(brixia.REGIONS))]
+            cams += explain.feature_grad_cam(feature, region_scores, inputs["image"].shape[-2:])
+        return probabilities.cpu().numpy(), per_fold.cpu().numpy(), explain.normalised(cams.numpy())
 
     def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Region scores from probabilities by the card's rule (median; argmax for cards from before it)."""
