@@ -150,6 +150,32 @@ After {args.rss_idle:g} s without requests: RSS {idle[0]:.0f} MB (anonymous {idl
 """
 
 
+def burst_case(args: argparse.Namespace, work: Path) -> str:
+    """Cold start and a burst of ``args.burst`` piped full-size osteo requests, every card loaded."""
+    from bench.bench_fastpath import Daemon, burst
+
+    images = [phantom(work / f"pano{i}.png", *args.size) for i in range(2)]
+    daemon = Daemon(REPO, args.weights, "--device", args.device)
+    began = time.perf_counter()
+    reply, _ = daemon.ask({"img_path": str(images[0]), "destination_path": str(work / "first")})
+    first_ms = (time.perf_counter() - began) * 1000
+    measured = burst(daemon, images, args.burst, work)
+    daemon.close()
+    return f"""{args.gpu}`python bench/bench_daemon.py --burst {args.burst}`, {args.device}, every card under `{args.weights}`
+loaded, {args.size[0]}x{args.size[1]} osteo phantoms; load average at the end {os.getloadavg()[0]:.1f}.
+
+| | |
+|---|---|
+| ready line after start | {daemon.ready_s:.1f} s |
+| first osteo request after the ready line (wall; its elapsed_ms {reply['elapsed_ms']:.0f}) | {first_ms:.0f} ms |
+| RSS idle before the burst | {measured['idle']:.0f} MB |
+| RSS peak during {args.burst} piped requests | {measured['peak']:.0f} MB ({measured['peak'] / measured['idle']:.2f}x idle) |
+| RSS right after the last reply | {measured['after']:.0f} MB |
+| RSS 5 s after | {measured['after_idle']:.0f} MB ({(measured['after_idle'] / measured['idle'] - 1) * 100:+.1f} % of idle) |
+| burst wall time | {measured['seconds']:.0f} s |
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
@@ -166,6 +192,10 @@ def main() -> None:
                         help="after the curve, RSS once more after S seconds without requests (default: 5)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the daemon of --rss-curve (e.g. MALLOC_ARENA_MAX=2)")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="only the cold start (ready line, first full-size request) and a burst of N piped "
+                             "full-size osteo requests with every card loaded: RSS idle, peak, right after, after "
+                             "idle (section 'Daemon burst')")
     parser.add_argument("--results", type=Path, default=results.RESULTS,
                         help="markdown file whose section is replaced (default: bench/RESULTS.md)")
     args = parser.parse_args()
@@ -183,6 +213,13 @@ def main() -> None:
         print(body)
         title = "Daemon RSS curve" + suffix + "".join(f", {e}" for e in args.daemon_env)
         print(f"written to {write_section(title, body)}")
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.burst:
+        args.size = args.size or (1348, 2863)
+        body = burst_case(args, work)
+        print(body)
+        print(f"written to {write_section('Daemon burst' + suffix, body)}")
         shutil.rmtree(work, ignore_errors=True)
         return
     args.size = args.size or (1348, 2863)
