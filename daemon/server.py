@@ -73,15 +73,16 @@ _MALLOC_TRIM = _find_malloc_trim()
 
 
 # Allocations of at least this size get their own mapping, given back to the OS when freed.
-HEAP_MMAP_THRESHOLD = 1 << 20
+HEAP_MMAP_THRESHOLD = 16 << 20
 
 
 def tune_heap() -> None:
-    """glibc only: always map allocations of >= 1 MiB on their own. By default glibc raises that
+    """glibc only: always map allocations of >= 16 MiB on their own. By default glibc raises that
     threshold to the largest block freed so far (up to 32 MB), after which the full-size image
-    buffers of each request (4-34 MB) are carved from the heap and a burst leaves it fragmented:
-    peak RSS in a 40-request burst went from 1.50x to 1.35x the idle RSS, and the RSS after it
-    from +8.6 % to +1.4 % (bench/RESULTS.md, "Fast path")."""
+    buffers of each request (up to 34 MB) are carved from the heap and a burst leaves it
+    fragmented. At 16 MiB a 150-request burst peaks at 1.39x the idle RSS and returns to +1.2 %;
+    1 MiB gave 1.33x but page-faulted every activation anew (handbone and brixia requests 30-40 %
+    slower); bench/RESULTS.md, "Daemon burst"."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
