@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 
 from tasks import brixia, brixia_orient
 from tasks.frames import fit_masks_to_model, fit_to_model
-from tasks.imaging import ImageReadError, is_image_file, read_image
-from train.brixia_sources import UNLABELLED, SegCase, case_targets
+from tasks.imaging import ImageReadError, read_image
+from train.brixia_sources import UNLABELLED, SegCase, case_targets, files_by_stem
 from train.common import augmentation_generator
 
 STRUCTURE_FOLDERS = {
@@ -62,21 +62,12 @@ def structure_folders(masks_root: str | Path) -> dict[str, Path]:
     return found
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if is_image_file(path):
-            stem = path.stem[:-5] if path.stem.lower().endswith("_mask") else path.stem
-            files.setdefault(stem, path)
-    return files
-
-
 def find_mask_cases(masks_root: str | Path, images_root: str | Path | None = None) -> list[MaskCase]:
     """Stems that have all three masks (and an image, when ``images_root`` is given), sorted."""
     folders = structure_folders(masks_root)
-    per_structure = [_files_by_stem(folders[s]) for s in brixia.STRUCTURES]
+    per_structure = [files_by_stem(folders[s]) for s in brixia.STRUCTURES]
     stems = set(per_structure[0]).intersection(*per_structure[1:])
-    images = _files_by_stem(Path(images_root)) if images_root is not None else None
+    images = files_by_stem(Path(images_root)) if images_root is not None else None
     if images is not None:
         if not Path(images_root).is_dir():
             raise SystemExit(f"image folder {images_root} does not exist")

@@ -66,7 +66,8 @@ class SegCase:
     values: tuple[int, ...] = ()
 
 
-def _files(folder: Path) -> dict[str, Path]:
+def files_by_stem(folder: Path) -> dict[str, Path]:
+    """The images of a folder by name stem (a ``_mask`` suffix dropped, so masks and images pair up)."""
     files = {}
     for path in sorted(folder.iterdir()):
         if is_image_file(path):
@@ -86,7 +87,7 @@ def jsrt_cases(root: str | Path, values: Sequence[int] = JSRT_VALUES) -> list[Se
     root = Path(root)
     if len(values) != 3:
         raise SystemExit(f"--jsrt-values takes three pixel values (right lung, left lung, heart), not {list(values)}")
-    images, masks = _files(_need_dir(root / "images", "JSRT image folder")), _files(_need_dir(root / "masks", "JSRT mask folder"))
+    images, masks = files_by_stem(_need_dir(root / "images", "JSRT image folder")), files_by_stem(_need_dir(root / "masks", "JSRT mask folder"))
     stems = sorted(set(images) & set(masks))
     if not stems:
         raise SystemExit(f"no JSRT image under {root / 'images'} has a label map of the same name in {root / 'masks'}")
@@ -97,7 +98,7 @@ def jsrt_cases(root: str | Path, values: Sequence[int] = JSRT_VALUES) -> list[Se
 def _infection_labelled(folder: Path, class_name: str) -> bool:
     if "normal" in class_name.lower():
         return True
-    return any(read_image(path, color="gray").any() for path in _files(folder).values())
+    return any(read_image(path, color="gray").any() for path in files_by_stem(folder).values())
 
 
 def covid_qu_ex_cases(root: str | Path) -> list[SegCase]:
@@ -109,9 +110,9 @@ def covid_qu_ex_cases(root: str | Path) -> list[SegCase]:
         raise SystemExit(f"no COVID-QU-Ex class folder (images/ + 'lung masks/') under {root}")
     cases = []
     for folder in class_folders:
-        images, lungs = _files(folder / "images"), _files(folder / "lung masks")
+        images, lungs = files_by_stem(folder / "images"), files_by_stem(folder / "lung masks")
         infection_dir = folder / "infection masks"
-        infections = _files(infection_dir) if infection_dir.is_dir() else {}
+        infections = files_by_stem(infection_dir) if infection_dir.is_dir() else {}
         labelled = bool(infections) and _infection_labelled(infection_dir, folder.name)
         name = folder.relative_to(root).as_posix() if folder != root else folder.name
         for stem in sorted(set(images) & set(lungs)):
@@ -128,7 +129,7 @@ def folder_cases(images_root: str | Path, masks_root: str | Path) -> list[SegCas
     masks_root = Path(masks_root)
     opacity_dir = next((masks_root / name for name in ("opacity", "infection", "infection masks")
                         if (masks_root / name).is_dir()), None)
-    opacities = _files(opacity_dir) if opacity_dir is not None else {}
+    opacities = files_by_stem(opacity_dir) if opacity_dir is not None else {}
     source = f"folders/{Path(images_root).name}"
     return [SegCase(f"{source}/{case.stem}", source, case.image, "binary", (*case.masks, opacities.get(case.stem)))
             for case in find_mask_cases(masks_root, images_root)]
