@@ -105,15 +105,6 @@ def read_image(path: str | os.PathLike, *, color: str = "gray",
     return decode_image(path, max_pixels=max_pixels).as_color(color)
 
 
-def read_image_and_header(path: str | os.PathLike, *, color: str = "gray",
-                          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, pydicom.Dataset | None]:
-    """``read_image`` plus, for a DICOM file, its data set without Pixel Data (from the same read,
-    so results written as DICOM can reference exactly the instance that was decoded); None otherwise."""
-    _check_color(color)
-    image = decode_image(path, max_pixels=max_pixels)
-    return image.as_color(color), image.header
-
-
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a folder walk should take ``path`` as an image: a regular file named as one, or whose
     first bytes open as a DICOM image or a format Pillow knows (a PACS export's DICOMs often have no

@@ -345,7 +345,7 @@ def test_a_dicom_input_that_cannot_be_referenced_is_captured_in_its_own_study(tm
     from dicom_factory import dataset_from_pixels, save
     from pydicom.sr.codedict import codes
     from pydicom.uid import CTImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
-    from tasks.imaging import read_image_and_header
+    from tasks.imaging import decode_image
 
     pixels = np.zeros((3, 64, 80), np.uint8)
     pixels[:, 10:30, 10:40] = 200
@@ -357,7 +357,8 @@ def test_a_dicom_input_that_cannot_be_referenced_is_captured_in_its_own_study(tm
         film.SOPClassUID, film.Modality, film.FrameOfReferenceUID = CTImageStorage, "CT", generate_uid()
         film.ImageOrientationPatient, film.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
     save(film, tmp_path / "film.dcm")
-    image, header = read_image_and_header(tmp_path / "film.dcm")
+    decoded = decode_image(tmp_path / "film.dcm")
+    image, header = decoded.as_color("gray"), decoded.header
     content = Content(segments=[Segment("bright", image > 100, codes.SCT.Bone)])
     reply = dicom_out.write_for_request(tmp_path, "film", "20260101000000", header, image, DicomRequest(), content,
                                         {"name": "unit", "version": "1", "demo": True})
