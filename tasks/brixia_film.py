@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tasks.brixia_orient import DEFAULT_MIN_UPRIGHT, pose_problem
+
 # JSRT label maps: heart lean 0.011..0.227 (median 0.116); lung share of the frame 0.069..0.250,
 # heart 0.059..0.142. The limits leave room for real films (rotation, effusions, collapse).
 DEFAULT_FILM_LIMITS = {"min_lung_fraction": 0.02, "max_lung_fraction": 0.45, "min_heart_fraction": 0.01,
@@ -103,6 +105,18 @@ def film_problem(masks: np.ndarray, limits: dict[str, Any] | None = None) -> str
                 f"{limits['min_heart_lean']:+.2f} expected): a mirrored (left-right flipped) film? brixia scores "
                 "films as radiologists read them, patient's right on the image's left")
     return None
+
+
+def film_refusal(masks: np.ndarray, limits: dict[str, Any] | None = None, pose: np.ndarray | None = None,
+                 min_upright: float | None = None) -> str | None:
+    """The whole film check, as the daemon runs it and the trainer records it: the pose classifier's
+    verdict first (when its probabilities ``pose`` are given), then the anatomy of the masks; why the
+    film is refused, or None."""
+    if pose is not None:
+        problem = pose_problem(pose, DEFAULT_MIN_UPRIGHT if min_upright is None else min_upright)
+        if problem is not None:
+            return problem
+    return film_problem(masks, limits)
 
 
 def limits_from_masks(mask_sets: Sequence[np.ndarray], margin: float = 0.5) -> dict[str, Any]:

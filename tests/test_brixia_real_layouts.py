@@ -293,3 +293,17 @@ def test_orient_net_and_its_metrics():
     metrics = orient_metrics(orient_records(logits, torch.tensor([0, 1, 1, 4]), torch.arange(4)), min_upright=0.5)
     assert metrics["accuracy"] == 0.75 and metrics["upright_passed"] == 1.0
     assert metrics["mirrored_refused"] == 0.5 and metrics["turned_refused"] == pytest.approx(2 / 3)
+
+
+def test_the_film_check_asks_the_pose_first_then_the_anatomy():
+    from tasks.brixia_film import film_refusal
+
+    masks = np.zeros((3, 100, 100), bool)
+    masks[0, 20:80, 15:45] = masks[1, 20:80, 55:85] = True
+    masks[2, 50:75, 45:68] = True                                   # a frontal film the right way round
+    upright, mirrored = np.eye(8)[0], np.eye(8)[1]
+    assert film_refusal(masks) is None and film_refusal(masks, pose=upright, min_upright=0.2) is None
+    assert "mirrored" in film_refusal(masks, pose=mirrored, min_upright=0.2)
+    flipped = np.ascontiguousarray(masks[[1, 0, 2], :, ::-1])         # the anatomy says mirrored too
+    assert "mirrored" in film_refusal(flipped)
+    assert film_refusal(flipped, pose=mirrored).startswith("the film looks mirrored")   # the pose's verdict first

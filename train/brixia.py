@@ -68,7 +68,7 @@ from tasks.weights import load_state_dict
 from train.cache import PreprocessCache
 from train.common import TrainTask, add_training_arguments, run_kfold
 from tasks import quality
-from tasks.brixia_film import film_problem, limits_from_masks, quality_measures
+from tasks.brixia_film import film_refusal, limits_from_masks, quality_measures
 from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
 from tasks.intensity import POLICIES, default_intensity
 from train.brixia_data import (OrientSamples, ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
@@ -76,7 +76,7 @@ from train.brixia_data import (OrientSamples, ScoreSamples, SegSamples, StnSampl
 from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_card_output, orient_metrics, orient_records,
                                   plot_score_report, plot_seg_report, score_metrics, seg_metrics, stn_loss, stn_metrics,
                                   stn_records)
-from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, UNLABELLED, covid_qu_ex_cases, folder_cases,
+from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, covid_qu_ex_cases, folder_cases,
                                   is_cohen_annotations, jsrt_cases, read_cohen_annotations)
 from train.losses import SegmentationLoss
 from train.metrics import json_safe
@@ -361,10 +361,10 @@ class Pipeline:
     (``tasks.brixia_film``) would refuse it."""
 
     def __init__(self, seg_card: dict[str, Any], seg: list[torch.nn.Module], stn: list[torch.nn.Module],
-                 device: torch.device, opacity: bool = False, orient: list[torch.nn.Module] | None = None):
+                 device: torch.device, opacity: bool = False, orient: list[torch.nn.Module] | None = None,
+                 min_upright: float | None = None):
         self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
-        self.opacity, self.orient = opacity, orient or []
-        self.min_upright = brixia_orient.DEFAULT_MIN_UPRIGHT
+        self.opacity, self.orient, self.min_upright = opacity, orient or [], min_upright
         self.film_limits = (seg_card.get("output") or {}).get("film_limits")
         self.methods: dict[str, int] = {}
         self.refused: dict[str, str] = {}
@@ -375,11 +375,9 @@ class Pipeline:
         tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
         probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
         masks = brixia.clean_masks(probabilities)
-        problem = None
-        if self.orient:
-            poses = brixia_orient.pose_probabilities(self.orient, tensor[None].to(self.device))[0].cpu().numpy()
-            problem = brixia_orient.pose_problem(poses, self.min_upright)
-        problem = problem or film_problem(masks, self.film_limits)
+        pose = (brixia_orient.pose_probabilities(self.orient, tensor[None].to(self.device))[0].cpu().numpy()
+                if self.orient else None)
+        problem = film_refusal(masks, self.film_limits, pose, self.min_upright)
         name = Path(path).name
         if problem is not None:
             self.refused[name] = problem
@@ -598,9 +596,8 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
     if args.opacity and brixia.OPACITY not in brixia.segmenter_labels(seg_card["architecture"]):
         raise SystemExit(f"--opacity needs a segmenter with an opacity channel; {args.seg} has "
                          f"{', '.join(brixia.segmenter_labels(seg_card['architecture']))} (train seg with COVID-QU-Ex)")
-    pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity, orient=orient)
-    if orient_card is not None:
-        pipeline.min_upright = orient_card["output"].get("min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT)
+    pipeline = Pipeline(seg_card, seg, stn, context.device, opacity=args.opacity, orient=orient,
+                        min_upright=orient_card["output"].get("min_upright") if orient_card is not None else None)
     stage_cards = {"seg": seg_card, "stn": stn_card, "orient": orient_card}
     task = score_task(args, context, pipeline, training_rows, stage_cards)
     card = run_kfold(task, args, context, module="train.brixia")

@@ -33,7 +33,7 @@ from daemon.handlers.base import Job, TaskHandler, raised
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import brixia, brixia_orient, quality, uncertainty
 from tasks.bundle import Bundle
-from tasks.brixia_film import QUALITY_LABELS, film_problem, quality_measures
+from tasks.brixia_film import QUALITY_LABELS, film_refusal, quality_measures
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
 ALIGNMENTS = ("auto", "masks", "none")
@@ -122,10 +122,7 @@ class BrixiaHandler(TaskHandler):
         """Refuse (``unreadable_image``) a film that is not upright-frontal or whose lungs and heart are
         not where a frontal film has them: its score would be a number without meaning, or swap A-C and D-F."""
         output = self.card.get("output") or {}
-        problem = None if pose is None else brixia_orient.pose_problem(
-            pose, output.get("orient_min_upright", brixia_orient.DEFAULT_MIN_UPRIGHT))
-        if problem is None:
-            problem = film_problem(masks, output.get("film_limits"))
+        problem = film_refusal(masks, output.get("film_limits"), pose, output.get("orient_min_upright"))
         if problem is not None:
             raise ServiceError(UNREADABLE_IMAGE, problem)
 
