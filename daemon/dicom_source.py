@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydicom import config
 from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
 from daemon.dicom_content import MANUFACTURER
@@ -110,11 +110,7 @@ def source_for(header: Dataset | None, image: np.ndarray | None, options: DicomR
     notes: list[str] = []
     if header is not None:
         missing = [keyword for keyword in _REFERENCE_UIDS if not str(header.get(keyword) or "").strip()]
-        frames = int(header.get("NumberOfFrames") or 1)
-        # highdicom derives a Segmentation from one frame only without a Frame of Reference: a
-        # multi-frame film's frame 1 (the one the reader decodes) is referenced as a capture of its own.
-        why = unreferenceable or (f"has no {', '.join(missing)}" if missing else
-                                  f"has {frames} frames and the results are of frame 1" if frames > 1 else None)
+        why = unreferenceable or (f"has no {', '.join(missing)}" if missing else None)
         if why is None:
             if options.context:
                 notes.append("dicom_context was not used: the objects take patient and study from the DICOM input")

@@ -16,7 +16,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
+from pydicom.pixels import (apply_color_lut, apply_modality_lut, apply_presentation_lut, apply_voi_lut, apply_windowing,
+                            get_decoder)
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 
 DEFAULT_MAX_PIXELS: int = 80_000_000
@@ -277,8 +278,14 @@ def kind_attributes(ds: pydicom.Dataset) -> dict[str, str]:
 
 
 def _read_dicom(f: BinaryIO, max_pixels: int) -> tuple[np.ndarray, pydicom.Dataset]:
-    """The first frame as uint8 and the data set without its Pixel Data."""
-    _check_cap(*_dicom_size(_dicom_header(f)), max_pixels)
+    """The image as uint8 and the data set without its Pixel Data; a multi-frame object is refused."""
+    rows, cols, frames = _dicom_size(_dicom_header(f))
+    _check_cap(rows, cols, frames, max_pixels)
+    if frames > 1:
+        # A cine, tomosynthesis or enhanced multi-frame object is not the single radiograph these models
+        # read, and which frame was meant cannot be guessed: reading frame 1 silently could score the wrong one.
+        raise ImageReadError(f"DICOM file holds {frames} frames (a multi-frame object): these models read one "
+                             "radiograph per file; send the frame to analyse as a single-frame DICOM")
     try:
         ds = pydicom.dcmread(f, force=True)
     except Exception as exc:
@@ -288,7 +295,7 @@ def _read_dicom(f: BinaryIO, max_pixels: int) -> tuple[np.ndarray, pydicom.Datas
     ts = _set_transfer_syntax(ds)
     _check_decoder(ts)
     try:
-        ds.pixel_array_options(index=0)  # first frame only; YBR is converted to RGB
+        ds.pixel_array_options(index=0)  # the one frame; YBR is converted to RGB
         arr = _dicom_to_uint8(ds.pixel_array, ds)
     except ImageReadError:
         raise
@@ -324,9 +331,20 @@ def _dicom_to_uint8(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     # image INVERSE restates the same inversion (DX requires it there), so it is applied once.
     if photometric == "MONOCHROME1" or _text(ds, "PresentationLUTShape") == "INVERSE":
         out = 255 - out
+    if "PresentationLUTSequence" in ds:
+        out = _presentation_lut(out, ds)
     if padding is not None:
         out[padding] = 0  # padding is the background, not anatomy: black
     return out
+
+
+def _presentation_lut(out: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The file's Presentation LUT Sequence (PS3.3 C.11.4) applied to the windowed 8-bit image: pydicom's
+    ``apply_presentation_lut`` on the 0-255 ramp (so the mapping does not depend on this image's range),
+    its P-values scaled back to 8 bits by the LUT's bit depth."""
+    bits = int(ds.PresentationLUTSequence[0].LUTDescriptor[2])
+    ramp = apply_presentation_lut(np.arange(256, dtype=np.uint16), ds).astype(np.float64)
+    return np.clip(np.rint(ramp * 255.0 / (2 ** bits - 1)), 0, 255).astype(np.uint8)[out]
 
 
 def _padding_mask(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:

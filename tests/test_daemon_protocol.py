@@ -33,6 +33,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     paths["garbage"].write_bytes(os.urandom(4000))
     paths["huge"] = folder / "huge.png"
     paths["huge"].write_bytes(png_header_only(30000, 30000))
+    from dicom_factory import write_dicom
+    pano = panoramic_phantom()
+    paths["multiframe"] = write_dicom(folder / "cine.dcm", np.stack([pano, pano[::-1]]))   # no extension needed
     return paths
 
 
@@ -156,10 +159,13 @@ def test_failure_keeps_the_seed_fields_and_echoes_id(daemon, tmp_path):
     ("garbage", "unreadable_image"),
     ("tiny", "unreadable_image"),
     ("huge", "image_too_large"),
+    ("multiframe", "unreadable_image"),
 ])
 def test_bad_images_get_their_code(daemon, inputs, tmp_path, name, code):
     reply = daemon.ask({"img_path": str(inputs[name]), "destination_path": str(tmp_path)})
     assert reply["result"] == "fail" and reply["error"]["code"] == code, reply
+    if name == "multiframe":   # refused, not silently read at frame 1
+        assert "holds 2 frames" in reply["error"]["message"]
     assert daemon.ask(request(inputs, tmp_path))["result"] == "ok"
 
 

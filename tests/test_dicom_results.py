@@ -335,7 +335,6 @@ def test_objects_are_written_whole_or_not_at_all_and_never_over_another(tmp_path
 
 
 @pytest.mark.parametrize("layout, said", [
-    ("multi-frame", "has 3 frames and the results are of frame 1"),
     ("ct-without-pixel-spacing", "cannot be derived from (AttributeError"),
 ])
 def test_a_dicom_input_that_cannot_be_referenced_is_captured_in_its_own_study(tmp_path, layout, said):
@@ -344,18 +343,15 @@ def test_a_dicom_input_that_cannot_be_referenced_is_captured_in_its_own_study(tm
     from daemon.dicom_source import DicomRequest
     from dicom_factory import dataset_from_pixels, save
     from pydicom.sr.codedict import codes
-    from pydicom.uid import CTImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage
+    from pydicom.uid import CTImageStorage
     from tasks.imaging import decode_image
 
     pixels = np.zeros((3, 64, 80), np.uint8)
     pixels[:, 10:30, 10:40] = 200
-    if layout == "multi-frame":
-        film = dataset_from_pixels(pixels)
-        film.SOPClassUID = MultiFrameGrayscaleByteSecondaryCaptureImageStorage
-    else:  # a slice that places itself in space but does not give its pixel spacing
-        film = dataset_from_pixels(pixels[0])
-        film.SOPClassUID, film.Modality, film.FrameOfReferenceUID = CTImageStorage, "CT", generate_uid()
-        film.ImageOrientationPatient, film.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
+    # a slice that places itself in space but does not give its pixel spacing
+    film = dataset_from_pixels(pixels[0])
+    film.SOPClassUID, film.Modality, film.FrameOfReferenceUID = CTImageStorage, "CT", generate_uid()
+    film.ImageOrientationPatient, film.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 0]
     save(film, tmp_path / "film.dcm")
     decoded = decode_image(tmp_path / "film.dcm")
     image, header = decoded.as_color("gray"), decoded.header

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, RLELossless)
@@ -220,6 +221,29 @@ def test_presentation_lut_shape_inverse_inverts_monochrome2_once_and_restates_mo
     assert np.array_equal(m1, 255 - plain)
 
 
+def test_presentation_lut_sequence_maps_the_windowed_image(tmp_path):
+    from pydicom.sequence import Sequence
+
+    ph = phantom(bits=12)
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", ph, bits_stored=12))
+
+    def with_lut(name, table, bits):
+        ds = dataset_from_pixels(ph, bits_stored=12)
+        item = Dataset()
+        item.add_new(0x00283002, "US", [len(table), 0, bits])          # LUT Descriptor
+        item.add_new(0x00283006, "US", [int(v) for v in table])        # LUT Data
+        ds.PresentationLUTSequence = Sequence([item])
+        return read_image(save(ds, tmp_path / name))
+
+    # a falling 256-entry 8-bit ramp is an inversion; a 4096-entry 12-bit square law darkens the mid-tones
+    assert np.array_equal(with_lut("falling.dcm", np.arange(255, -1, -1), 8), 255 - plain)
+    square = np.rint((np.arange(4096) / 4095) ** 2 * 4095)
+    darker = with_lut("square.dcm", square, 12)
+    expected = np.rint(square[np.rint(np.arange(256) / 255 * 4095).astype(int)] * 255 / 4095).astype(np.uint8)[plain]
+    assert np.abs(darker.astype(int) - expected.astype(int)).max() <= 1
+    assert darker.mean() < plain.mean() - 10
+
+
 def test_dicom_without_preamble_and_file_meta_is_readable(tmp_path):
     ph = phantom(bits=12)
     ref = read_image(write_dicom(tmp_path / "ref.dcm", ph))
@@ -231,11 +255,17 @@ def test_dicom_without_preamble_and_file_meta_is_readable(tmp_path):
     assert np.array_equal(read_image(no_preamble), ref)
 
 
-def test_multiframe_takes_first_frame_and_color_dicom(tmp_path):
+def test_multiframe_dicom_is_refused_and_color_dicom_is_read(tmp_path):
     ph = phantom(bits=12)
     frames = np.stack([ph, ph[::-1], ph[:, ::-1]])
-    ref = read_image(write_dicom(tmp_path / "one.dcm", ph))
-    assert np.array_equal(read_image(write_dicom(tmp_path / "mf.dcm", frames)), ref)
+    with pytest.raises(ImageReadError, match="holds 3 frames"):   # not silently frame 1
+        read_image(write_dicom(tmp_path / "mf.dcm", frames))
+    one = write_dicom(tmp_path / "one.dcm", ph)
+    expected = read_image(one)
+    ds = pydicom.dcmread(one)
+    ds.NumberOfFrames = 1                                          # a one-frame object is one image
+    ds.save_as(one)
+    assert np.array_equal(read_image(one), expected)
     rgb = phantom(bits=8, rgb=True)
     p = write_dicom(tmp_path / "rgb.dcm", rgb)
     assert np.array_equal(read_image(p, color="rgb"), rgb)
