@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import cv2
@@ -64,6 +63,12 @@ class AlignmentLimits:
     max_tilt_deg: float = MAX_TILT_DEG
     stn_agreement: float = STN_AGREEMENT
 
+    def record(self) -> dict[str, Any]:
+        """The card ``output`` fields that hold these limits (what ``alignment_limits`` reads back)."""
+        return {"canonical_box": list(self.canonical_box),
+                "alignment_limits": {"min_lung_fraction": self.min_lung_fraction, "max_tilt_deg": self.max_tilt_deg,
+                                     "stn_agreement": self.stn_agreement}}
+
 
 DEFAULT_ALIGNMENT = AlignmentLimits()
 
@@ -92,91 +97,6 @@ def alignment_limits(output: dict[str, Any] | None) -> AlignmentLimits:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---------------------------------------------------------------- metadata (BrixIA CSV)
-
-def parse_brixia_score(value: Any) -> list[int]:
-    """BrixIA ``BrixiaScore`` -> six region scores A..F.
-
-    The CSV stores the six digits ABCDEF; read as a number (as pandas or a spreadsheet will)
-    the leading zeros are lost, so shorter strings are left-padded with zeros: ``12`` ->
-    ``000012`` -> [0, 0, 0, 0, 1, 2].
-    """
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
-        value = int(value)
-    text = str(value).strip()
-    if text.endswith(".0"):
-        text = text[:-2]
-    if not text.isdigit() or len(text) > len(REGIONS):
-        raise ValueError(f"BrixiaScore must be six digits 0-3, not {value!r}")
-    digits = [int(c) for c in text.zfill(len(REGIONS))]
-    if max(digits) >= SCORE_LEVELS:
-        raise ValueError(f"BrixiaScore {text.zfill(6)!r} has a region score above 3")
-    return digits
-
-
-def read_metadata(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``metadata_global_v2.csv`` (``;``-separated) with ``scores`` parsed and checked.
-
-    Each row keeps the CSV's fields (strings) plus ``scores`` (six ints), ``global`` (int) and
-    ``consensus`` (bool). A row whose ``BrixiaScoreGlobal`` disagrees with the sum of its
-    region scores is an error: a mis-parsed score column would otherwise train silently.
-    """
-    import pandas as pd
-
-    table = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False)
-    missing = {"Filename", "BrixiaScore"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: not a BrixIA metadata CSV (';'-separated); missing column(s) "
-                         f"{', '.join(sorted(missing))}; found {', '.join(table.columns)}")
-    rows = []
-    for number, row in enumerate(table.to_dict("records"), start=2):
-        try:
-            scores = parse_brixia_score(row["BrixiaScore"])
-        except ValueError as exc:
-            raise ValueError(f"{path} line {number}: {exc}") from None
-        total = sum(scores)
-        stated = str(row.get("BrixiaScoreGlobal", "")).strip()
-        if stated and int(float(stated)) != total:
-            raise ValueError(f"{path} line {number}: BrixiaScoreGlobal {stated} is not the sum of "
-                             f"BrixiaScore {''.join(map(str, scores))} ({total})")
-        consensus = str(row.get("ConsensusTestset", "0")).strip().lower() in ("1", "true", "yes")
-        rows.append({**row, "scores": scores, "global": total, "consensus": consensus})
-    return rows
-
-
-def read_consensus(path: str | Path) -> dict[str, dict[str, Any]]:
-    """``metadata_consensus_v1.csv`` -> {Filename: {"mode": [6 ints], "mean": [6 floats]}}."""
-    import pandas as pd
-
-    table = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False)
-    needed = {"Filename"} | {f"Mode{r}" for r in REGIONS} | {f"Mean{r}" for r in REGIONS}
-    missing = needed - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: not a BrixIA consensus CSV; missing {', '.join(sorted(missing))}")
-    return {row["Filename"]: {"mode": [int(float(row[f"Mode{r}"])) for r in REGIONS],
-                              "mean": [float(row[f"Mean{r}"]) for r in REGIONS]}
-            for row in table.to_dict("records")}
-
-
-def resolve_image(folder: str | Path, filename: str) -> Path | None:
-    """The image file of a metadata ``Filename`` under ``folder``: as named (DICOM), else the same
-    stem as PNG/JPEG (the seed converted the DICOMs to PNG), else None."""
-    folder = Path(folder)
-    named = folder / filename
-    if named.is_file():
-        return named
-    stem = Path(filename).stem
-    for suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"):
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 # ---------------------------------------------------------------- card records
@@ -510,23 +430,6 @@ def build_scorer(architecture: dict[str, Any], pretrained: bool = False) -> Regi
                         opacity=architecture.get("opacity", False), shared_head=architecture.get("shared_head", False))
 
 
-def trunk_state_from_segmenter(segmenter_state: dict[str, torch.Tensor], scorer: RegionScorer) -> dict[str, torch.Tensor]:
-    """The scorer trunk's weights taken from a segmenter's smp ``tu-`` encoder (the same timm network).
-
-    The segmenter learnt lungs, heart and opacity from ~1,700 real films; its encoder is the only
-    pretraining there is here. Raises ValueError naming the mismatch when the encoder is not the
-    scorer's backbone (every trunk weight must be found with its shape)."""
-    prefix = "encoder.model."
-    encoder = {key[len(prefix):]: value for key, value in segmenter_state.items() if key.startswith(prefix)}
-    wanted = scorer.trunk.state_dict()
-    missing = [key for key in wanted if key not in encoder or encoder[key].shape != wanted[key].shape]
-    if not encoder or missing:
-        raise ValueError(f"the segmenter's encoder does not hold the scorer trunk ({len(missing)} of {len(wanted)} "
-                         f"weights missing or of another shape, e.g. {missing[:2]}): train the segmenter with "
-                         f"--encoder tu-<the scorer's --backbone> and an --encoder-depth >= the scorer's --stage")
-    return {key: encoder[key].to(wanted[key].dtype) for key in wanted}
-
-
 def pack_scorer_sample(aligned_frame: np.ndarray, regions: np.ndarray, opacity: np.ndarray | None = None) -> np.ndarray:
     """Aligned uint8 frame (S, S) + (6, S, S) regions (+ opacity probabilities (S, S)) -> one compact
     uint8 (7 or 8, S, S) array, the form samples are cached and queued in."""
@@ -565,33 +468,6 @@ def expected_scores(probabilities: torch.Tensor) -> torch.Tensor:
     """(..., 4) probabilities -> expected score per region (0..3)."""
     return (probabilities * torch.arange(probabilities.shape[-1], device=probabilities.device,
                                          dtype=probabilities.dtype)).sum(-1)
-
-
-class RegionLoss(nn.Module):
-    """Mean cross-entropy over the six regions, on logits (the seed applied softmax twice), plus
-    ``ordinal_weight`` x mean |expected score - true score| (rewards near misses over far ones).
-
-    Targets are scores (B, 6) or, for a reader's mean of two radiologists, score distributions
-    (B, 6, 4) (e.g. half 1, half 2), whose expected value is the ordinal target."""
-
-    def __init__(self, ordinal_weight: float = 0.0):
-        super().__init__()
-        self.ordinal_weight = float(ordinal_weight)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        flat = logits.reshape(-1, logits.shape[-1])
-        if targets.dim() == logits.dim():                       # distributions
-            targets = targets.float()
-            loss = F.cross_entropy(flat, targets.reshape(-1, targets.shape[-1]))
-            true_scores = expected_scores(targets)
-        else:
-            loss = F.cross_entropy(flat, targets.long().reshape(-1))
-            true_scores = targets.float()
-        if self.ordinal_weight:
-            expected = expected_scores(torch.softmax(logits, dim=-1))
-            loss = loss + self.ordinal_weight * (expected - true_scores).abs().mean()
-        return loss
 
 
 # ---------------------------------------------------------------- the whole pipeline on a batch

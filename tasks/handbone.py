@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tasks import frames
+from tasks.cards import CardError
 from tasks.nets.smp_models import create_smp
 
 # The model-frame geometry is shared with brixia (tasks/frames.py); handbone keeps its names.
@@ -199,6 +200,20 @@ def to_tensor(gray_model: np.ndarray, input_spec: dict[str, Any]) -> torch.Tenso
     mean = torch.tensor(input_spec["mean"][:channels], dtype=torch.float32).view(channels, 1, 1)
     std = torch.tensor(input_spec["std"][:channels], dtype=torch.float32).view(channels, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def is_fraction(value: Any) -> bool:
+    """A number from 0 to 1 (JSON's true/false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def card_threshold(card: dict[str, Any]) -> float:
+    """The probability above which a pixel is bone, as a card records it (``output.threshold``, what its
+    trainer validated with; 0.5 for cards without one); CardError when it is not a number in [0, 1]."""
+    threshold = (card.get("output") or {}).get("threshold", DEFAULT_THRESHOLD)
+    if not is_fraction(threshold):
+        raise CardError(f"output.threshold must be a number from 0 to 1 (got {threshold!r})")
+    return float(threshold)
 
 
 def preprocess(gray: np.ndarray, input_spec: dict[str, Any]) -> tuple[torch.Tensor, Geometry]:

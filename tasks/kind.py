@@ -1,7 +1,7 @@
 """What kind of image this is: panoramic dental X-ray, frontal chest X-ray, hand X-ray, skin or wound photo, other.
 
 The image-kind model guards every task: it is fed the image as stored (gray or RGB, any size)
-and answers one of ``KINDS``. Everything the trainer (``train/kind.py``) and the daemon's gate
+and answers one of ``KINDS``. Everything the trainer (``train/kind/trainer.py``) and the daemon's gate
 must agree on is here: the labels, which kind each task takes, the network and the one
 preprocessing:
 

@@ -13,8 +13,10 @@ from conftest import REPO
 from daemon.handlers.base import Settings
 from daemon.handlers.brixia import BrixiaHandler
 from tasks import brixia
+from train.brixia import labels as brixia_labels
+from train.brixia import loss as brixia_loss
 from tasks.cards import CardError
-from train.brixia_metrics import region_metrics
+from train.brixia.metrics import region_metrics
 from train.phantoms.brixia import write_brixia_phantoms
 
 
@@ -28,27 +30,27 @@ from train.phantoms.brixia import write_brixia_phantoms
     ("333333", [3] * 6),
 ])
 def test_brixia_score_is_left_padded_to_six_regions(value, expected):
-    assert brixia.parse_brixia_score(value) == expected
+    assert brixia_labels.parse_brixia_score(value) == expected
 
 
 @pytest.mark.parametrize("value", ["1234567", "000004", "12a", "", None, True, 1.5, "-1"])
 def test_bad_brixia_scores_are_refused(value):
     with pytest.raises(ValueError):
-        brixia.parse_brixia_score(value)
+        brixia_labels.parse_brixia_score(value)
 
 
 def test_metadata_is_read_as_published(tmp_path):
     write_brixia_phantoms(tmp_path, n=12, size=(64, 64), seed=2)
-    rows = brixia.read_metadata(tmp_path / "metadata_global_v2.csv")
+    rows = brixia_labels.read_metadata(tmp_path / "metadata_global_v2.csv")
     assert len(rows) == 12 and all(len(r["scores"]) == 6 and r["global"] == sum(r["scores"]) for r in rows)
-    consensus = brixia.read_consensus(tmp_path / "metadata_consensus_v1.csv")
+    consensus = brixia_labels.read_consensus(tmp_path / "metadata_consensus_v1.csv")
     held_out = [r for r in rows if r["consensus"]]
     assert held_out and {r["Filename"] for r in held_out} == set(consensus)
     for row in held_out:
         assert consensus[row["Filename"]]["mode"] == row["scores"]
     # Filename says .dcm; the converted PNG is found under the same stem, a real DICOM as named
     for row in rows:
-        path = brixia.resolve_image(tmp_path / "images", row["Filename"])
+        path = brixia_labels.resolve_image(tmp_path / "images", row["Filename"])
         assert path is not None and path.stem == row["Filename"][:-4]
 
 
@@ -56,10 +58,10 @@ def test_a_global_score_that_disagrees_with_the_regions_is_an_error(tmp_path):
     path = tmp_path / "meta.csv"
     path.write_text("Filename;BrixiaScore;BrixiaScoreGlobal;Subject\na.dcm;12;3;1\nb.dcm;12;4;2\n")
     with pytest.raises(ValueError, match="line 3.*not the sum"):
-        brixia.read_metadata(path)
+        brixia_labels.read_metadata(path)
     (tmp_path / "comma.csv").write_text("Filename,BrixiaScore\na.dcm,12\n")
     with pytest.raises(ValueError, match="';'-separated"):
-        brixia.read_metadata(tmp_path / "comma.csv")
+        brixia_labels.read_metadata(tmp_path / "comma.csv")
 
 
 def _lungs(size: int = 128, angle: float = 0.0, scale: float = 1.0, shift=(0, 0)) -> np.ndarray:
@@ -139,9 +141,9 @@ def test_scorer_heads_see_their_region():
 
 def test_region_loss_is_cross_entropy_on_logits_plus_the_ordinal_term():
     logits, targets = torch.randn(5, 6, 4), torch.randint(0, 4, (5, 6))
-    plain = brixia.RegionLoss()(logits, targets)
+    plain = brixia_loss.RegionLoss()(logits, targets)
     assert torch.isclose(plain, torch.nn.functional.cross_entropy(logits.reshape(-1, 4), targets.reshape(-1)))
-    ordinal = brixia.RegionLoss(0.5)(logits, targets)
+    ordinal = brixia_loss.RegionLoss(0.5)(logits, targets)
     expected = brixia.expected_scores(torch.softmax(logits, -1))
     assert torch.isclose(ordinal, plain + 0.5 * (expected - targets).abs().mean())
 

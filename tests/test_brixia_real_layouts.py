@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 
 from tasks import brixia
+from train.brixia import loss as brixia_loss
+from train.brixia import transfer as brixia_transfer
 from tasks.brixia_film import film_measures, film_problem, limits_from_masks
 from tasks.intensity import apply_intensity, default_intensity
-from train.brixia_sources import (case_targets, cohen_group, covid_qu_ex_cases, jsrt_cases, read_cohen_annotations,
-                                  split_lungs)
-from train.losses import IGNORE, SegmentationLoss
+from train.brixia.sources import (case_targets, cohen_group, covid_qu_ex_cases, folder_cases, jsrt_cases,
+                                  read_cohen_annotations, split_lungs)
+from train.core.losses import IGNORE, SegmentationLoss
 
 
 def chest_masks(size: int = 64, heart_shift: float = 0.1) -> np.ndarray:
@@ -70,6 +72,24 @@ def test_covid_qu_ex_lungs_are_split_and_empty_infection_folders_are_unlabelled_
     assert case_targets(by_source["covid-qu-ex/Normal"], 4, (64, 64))[1].tolist() == [True, True, False, True]
     with pytest.raises(SystemExit, match="no COVID-QU-Ex class folder"):
         covid_qu_ex_cases(tmp_path / "Infection Segmentation Data" / "Train" / "COVID-19" / "images")
+
+
+def test_uid_named_films_without_extension_keep_their_whole_name_and_stem_clashes_are_refused(tmp_path):
+    from dicom_factory import write_dicom
+
+    masks = chest_masks()
+    uids = ["1.2.840.113619.2.55.3", "1.2.840.113619.2.55.4"]   # a PACS export: no extension, dots in the name
+    (tmp_path / "images").mkdir()
+    for uid in uids:
+        write_dicom(tmp_path / "images" / uid, np.full((64, 64), 100, np.uint8))
+        for name, mask in zip(("right_lung", "left_lung", "heart"), masks):
+            _png(tmp_path / "masks" / name / f"{uid}.png", mask * 255)
+    cases = folder_cases(tmp_path / "images", tmp_path / "masks")
+    assert [case.key.rsplit("/", 1)[1] for case in cases] == uids     # two films, not one "1.2.840.113619.2.55"
+    assert [case.image.name for case in cases] == uids
+    _png(tmp_path / "images" / f"{uids[0]}.png", np.zeros((64, 64)))   # the same film twice: which one?
+    with pytest.raises(SystemExit, match="same name stem"):
+        folder_cases(tmp_path / "images", tmp_path / "masks")
 
 
 def test_touching_lungs_are_cut_at_their_narrowest_column():
@@ -196,9 +216,9 @@ def test_region_loss_takes_a_mean_of_readers_as_a_distribution():
     logits = torch.randn(3, 6, 4)
     scores = torch.randint(0, 4, (3, 6))
     one_hot = torch.nn.functional.one_hot(scores, 4).float()
-    assert torch.isclose(brixia.RegionLoss(0.5)(logits, one_hot), brixia.RegionLoss(0.5)(logits, scores))
+    assert torch.isclose(brixia_loss.RegionLoss(0.5)(logits, one_hot), brixia_loss.RegionLoss(0.5)(logits, scores))
     half = (one_hot + torch.nn.functional.one_hot((scores + 1).clamp_max(3), 4).float()) / 2
-    assert brixia.RegionLoss()(logits, half) > 0
+    assert brixia_loss.RegionLoss()(logits, half) > 0
 
 
 def test_median_and_argmax_decisions():
@@ -234,14 +254,14 @@ def test_scorer_trunk_starts_from_the_segmenters_encoder():
     segmenter = brixia.build_segmenter(brixia.default_segmenter("unet", "tu-resnet10t", opacity=True, encoder_depth=3,
                                                                 decoder_channels=[16, 8, 8]))
     scorer = brixia.build_scorer(brixia.default_scorer("resnet10t", stage=2))
-    state = brixia.trunk_state_from_segmenter(segmenter.state_dict(), scorer)
+    state = brixia_transfer.trunk_state_from_segmenter(segmenter.state_dict(), scorer)
     scorer.trunk.load_state_dict(state, strict=True)
     image = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(scorer.eval().features(image), segmenter.eval().encoder(image)[-1])
     deeper = brixia.build_scorer(brixia.default_scorer("resnet10t", stage=4))
     with pytest.raises(ValueError, match="encoder-depth"):
-        brixia.trunk_state_from_segmenter(segmenter.state_dict(), deeper)
+        brixia_transfer.trunk_state_from_segmenter(segmenter.state_dict(), deeper)
 
 
 # ---------------------------------------------------------------- the pose classifier
@@ -270,7 +290,7 @@ def test_pose_problem_refuses_below_the_upright_floor_and_names_the_likeliest_po
 
 def test_the_upright_floor_is_the_highest_that_lets_99_percent_of_upright_films_through():
     from tasks.brixia_orient import choose_min_upright
-    from train.brixia_metrics import orient_card_output
+    from train.brixia.metrics import orient_card_output
 
     upright = [{"true_pose": 0, "p_upright": p, "fold": k % 2} for k, p in enumerate(np.linspace(0.22, 1.0, 200))]
     upright[0]["p_upright"] = 0.12                                   # one unsure upright film in 200 may be refused
@@ -283,7 +303,7 @@ def test_the_upright_floor_is_the_highest_that_lets_99_percent_of_upright_films_
 
 def test_orient_net_and_its_metrics():
     from tasks.brixia_orient import build_orient, default_orient, pose_probabilities
-    from train.brixia_metrics import orient_metrics, orient_records
+    from train.brixia.metrics import orient_metrics, orient_records
 
     net = build_orient(default_orient(size=32, channels=(4, 8))).eval()
     probabilities = pose_probabilities([net], torch.randn(3, 1, 64, 64))

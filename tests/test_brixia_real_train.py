@@ -14,7 +14,7 @@ from conftest import Daemon
 from tasks import brixia
 from tasks.cards import read_card, verify_folds
 from tasks.imaging import read_image
-from train import brixia as train_brixia
+from train.brixia import trainer as train_brixia
 from train import synthetic
 
 TINY = ["--folds", "2", "--epochs", "1", "--batch-size", "8", "--seed", "0"]

@@ -18,9 +18,10 @@ from conftest import REPO, Daemon
 from daemon.handlers.base import Settings
 from daemon.registry import load_registry
 from tasks import brixia
+from train.brixia import labels as brixia_labels
 from tasks.bundle import select_entries
 from tasks.cards import read_card, sha256_file, verify_folds
-from train import brixia as train_brixia
+from train.brixia import trainer as train_brixia
 from train import synthetic
 
 TINY = ["--folds", "2", "--epochs", "1", "--batch-size", "8", "--seed", "0"]
@@ -71,10 +72,13 @@ def test_each_stage_writes_its_card_and_the_score_card_bundles_them(trained):
     consensus = card["metrics"]["consensus"]
     assert consensus["n"] == card["data"]["n_consensus_held_out"] >= 1 and "mae_vs_mean" in consensus
     assert (trained / "region_confusion.png").is_file() and (trained / "global_scatter.png").is_file()
+    # the card records the limits its training films were aligned with; the daemon reads them back
+    assert card["output"]["alignment_limits"] == brixia.DEFAULT_ALIGNMENT.record()["alignment_limits"]
+    assert brixia.alignment_limits(card["output"]) == brixia.DEFAULT_ALIGNMENT
 
 
 def test_consensus_images_are_held_out_and_subjects_never_split(trained, phantoms):
-    rows = brixia.read_metadata(phantoms / "metadata_global_v2.csv")
+    rows = brixia_labels.read_metadata(phantoms / "metadata_global_v2.csv")
     held_out = {r["Filename"] for r in rows if r["consensus"]}
     subject = {r["Filename"]: r["Subject"] for r in rows}
     splits = json.loads((trained / "splits.json").read_text())

@@ -9,9 +9,10 @@ import torch
 
 from tasks import handbone
 from train import synthetic
-from train.folds import fold_splits
-from train.handbone_data import augmented, find_cases, model_sample
-from train.handbone_metrics import SegmentationLoss, dice_metrics
+from train.core.folds import fold_splits
+from train.handbone.data import augmented, find_cases, model_sample
+from train.core.losses import SegmentationLoss
+from train.handbone.metrics import dice_metrics
 from train.phantoms.handbone import handbone_phantom
 
 

@@ -17,7 +17,7 @@ from daemon.handlers.base import Settings
 from daemon.registry import load_registry
 from tasks import handbone
 from tasks.cards import read_card, sha256_file, verify_folds, write_card
-from train import handbone as train_handbone
+from train.handbone import trainer as train_handbone
 from train import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +113,25 @@ def test_infer_ensembles_two_cards_into_the_seed_csv(trained, phantoms, tmp_path
         assert [row[1] for row in rows[1:30]] == handbone.CLASSES
         for _, _, rle in rows[1:]:
             handbone.rle_decode(rle, 96, 112)  # valid runs inside the image
+
+
+def test_infer_thresholds_at_the_cards_threshold_as_the_daemon_serves(trained, phantoms, tmp_path):
+    strict = tmp_path / "strict"
+    shutil.copytree(trained, strict)
+    card = read_card(strict)
+    card["output"] = {**(card.get("output") or {}), "threshold": 1.0}   # nothing is ever above 1.0
+    write_card(strict, {k: v for k, v in card.items() if k != "schema"})
+    test_dir = tmp_path / "test"
+    shutil.copytree(phantoms / "DCM" / "ID000", test_dir / "DCM" / "ID000")
+    by_card, told = tmp_path / "by_card.csv", tmp_path / "told.csv"
+    common = ["infer", str(test_dir), "--weights", str(strict), "--device", "cpu", "--out"]
+    assert train_handbone.main(common + [str(by_card)]) == 0
+    assert train_handbone.main(common + [str(told), "--threshold", "0"]) == 0
+    assert all(row[2] == "" for row in list(csv.reader(open(by_card)))[1:])          # the card's 1.0: no bone
+    assert all(row[2] != "" for row in list(csv.reader(open(told)))[1:])            # told 0: every pixel is bone
+    with pytest.raises(SystemExit, match="different thresholds"):
+        train_handbone.main(["infer", str(test_dir), "--weights", str(strict), str(trained), "--device", "cpu",
+                             "--out", str(tmp_path / "x.csv")])
 
 
 def test_an_hrnet_encoder_builds_under_unet_and_keeps_the_input_size():

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from tasks.cards import read_card
-from train import handbone as train_handbone
+from train.handbone import trainer as train_handbone
 from train import synthetic
-from train.handbone_tune import strip_options
+from train.handbone.tune import strip_options
 
 TINY = ["--arch", "unet", "--encoder", "tu-mobilenetv3_small_050", "--encoder-depth", "3",
         "--decoder-channels", "16", "16", "8", "--folds", "2", "--batch-size", "4", "--seed", "0"]

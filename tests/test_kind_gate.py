@@ -15,8 +15,8 @@ from dicom_factory import dataset_from_pixels, save
 from daemon.kind_gate import KindGate
 from tasks import kind
 from tasks.imaging import DecodedImage, decode_image
-from train import kind as train_kind
-from train.kind_metrics import THRESHOLD_GRID, choose_thresholds, cross_fold_gate, gate_rates
+from train.kind import trainer as train_kind
+from train.kind.metrics import THRESHOLD_GRID, choose_thresholds, cross_fold_gate, gate_rates
 
 SEED_FAIL = {"diagnosis": "", "saliency_img_path": "", "overlay_img_path": ""}
 

@@ -12,8 +12,8 @@ from tasks.cards import read_card, verify_folds
 from tasks.nets.cbam import CBAM, Bottleneck, ChannelGate, SpatialGate
 from tasks.nets.late_fusion import ClinicalMLP, LateFusion
 from tasks.weights import load_state_dict
-from train.scar import main as train_scar_main
-from train.scar_import import import_seed_checkpoint
+from train.scar.trainer import main as train_scar_main
+from train.scar.seed_import import import_seed_checkpoint
 
 TINY = scar.image_architecture(width=4, layers=(1, 1, 1, 1))
 

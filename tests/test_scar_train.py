@@ -17,10 +17,10 @@ from daemon.registry import load_registry
 from tasks import scar
 from tasks.cards import read_card, verify_folds
 from train import synthetic
-from train.folds import fold_splits
+from train.core.folds import fold_splits
 from train.phantoms.scar import FEATURES, clinical_rows, clinical_score
-from train.scar import build_task, main, parse_args
-from train.scar_data import load_data
+from train.scar.trainer import build_task, main, parse_args
+from train.scar.data import load_data
 
 TINY = ["--folds", "2", "--epochs", "1", "--batch-size", "8", "--seed", "0", "--demo"]
 IMAGE = ["--width", "4", "--layers", "1", "1", "1", "1", "--input-size", "64", "64"]
@@ -119,11 +119,11 @@ def test_the_scaler_is_fitted_on_the_training_fold_stored_and_applied_identicall
 def test_precise_bn_calibrates_on_training_rows_scaled_by_the_training_rows_scaler(phantoms, tmp_path, monkeypatch):
     # The calibration set once fitted its scaler on the validation rows (it is built unaugmented,
     # and "unaugmented" used to mean "validation"): validation data leaked into BatchNorm's statistics.
-    import train.common
+    import train.core.loop
 
     calibrated = []
-    recalibrate = train.common.recalibrate_batch_norm
-    monkeypatch.setattr(train.common, "recalibrate_batch_norm",
+    recalibrate = train.core.loop.recalibrate_batch_norm
+    monkeypatch.setattr(train.core.loop, "recalibrate_batch_norm",
                         lambda model, dataset, *a, **k: (calibrated.append(dataset), recalibrate(model, dataset, *a, **k)))
     assert main(["clinical", str(phantoms), "--out", str(tmp_path / "scar"), *TINY, "--precise-bn", "2"]) == 0
     features = load_data(phantoms, "clinical").features
@@ -131,7 +131,7 @@ def test_precise_bn_calibrates_on_training_rows_scaled_by_the_training_rows_scal
     for dataset in calibrated:
         training_rows_scaler = scar.fit_scaler(features[dataset.indices])
         assert np.array_equal(dataset.clinical, scar.standardise(features, training_rows_scaler))
-        assert not dataset.augment
+        assert not dataset.train   # never augmented
 
 
 def test_a_csv_table_with_photos_elsewhere_and_the_seeds_class_folders_are_read(phantoms, tmp_path):

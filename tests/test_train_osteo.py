@@ -16,11 +16,11 @@ import torch
 from tasks import osteo
 from tasks.cards import read_card, sha256_file, verify_folds
 from tasks.weights import load_state_dict
-from train import osteo as train_osteo
+from train.osteo import trainer as train_osteo
 from train import synthetic
-from train.common import _selection_key
-from train.folds import fold_splits, load_or_write_splits, read_groups
-from train.metrics import classification_metrics, json_safe, roc_auc
+from train.core.loop import _selection_key
+from train.core.folds import fold_splits, load_or_write_splits, read_groups
+from train.core.metrics import classification_metrics, json_safe, roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width-coefficient", "0.1", "--depth-coefficient", "0.1", "--input-size", "64", "128",

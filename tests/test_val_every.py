@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import Dataset
 
 from tasks.cards import read_card
-from train import common
-from train import handbone as train_handbone
+from train.core import loop as common
+from train.handbone import trainer as train_handbone
 from train import synthetic
-from train.common import TrainTask, add_training_arguments, run_kfold
-from train.distributed import DistributedContext
-from train.reporting import plot_fold_curves
+from train.core.loop import TrainTask, add_training_arguments, run_kfold
+from train.core.distributed import DistributedContext
+from train.core.reporting import plot_fold_curves
 
 N_ITEMS = 8
 
@@ -65,7 +65,7 @@ def _toy_task(make_scheduler) -> TrainTask:
 
     return TrainTask(
         name="toy", items=[f"item{i}" for i in range(N_ITEMS)], strata=[i % 2 for i in range(N_ITEMS)],
-        dataset=lambda indices, train: _Points(indices),
+        dataset=lambda indices, train, fit_rows: _Points(indices),
         build_model=lambda: torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)),
         loss=lambda outputs, targets: torch.nn.functional.binary_cross_entropy_with_logits(outputs.squeeze(1), targets),
         records=records, metrics=metrics, score_key="accuracy", make_scheduler=make_scheduler,

@@ -22,7 +22,7 @@ import torch
 from tasks import osteo
 from tasks.cards import sha256_file, write_card
 from tasks.weights import save_state_dict
-from train.metrics import json_safe
+from train.core.metrics import json_safe
 
 
 def import_osteo_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, arch: str | None = None,

@@ -16,89 +16,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
-from tasks import handbone, osteo, quality, scar
 from tasks.cards import read_card, write_card
-from tasks.imaging import ImageReadError, read_image
-
-DEFAULT_MARGIN = 0.25
-DEFAULT_MIN_PIECE_FRACTION = 0.0005  # of the image area: smaller specks do not count as a piece of bone
-
-
-def _read(path: Path, color: str) -> np.ndarray:
-    try:
-        return read_image(path, color=color)
-    except ImageReadError as exc:
-        raise SystemExit(f"cannot read training image {path}: {exc}") from exc
-
-
-def osteo_record(paths: Sequence[Path], source: str, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
-    """Aspect, brightness, contrast and symmetry ranges of the training panoramics."""
-    samples = [osteo.quality_measures(_read(path, "gray")) for path in tqdm(paths, desc="quality", leave=False)]
-    return quality.record_ranges(samples, margin=margin, source=source)
-
-
-def scar_record(image_paths: Sequence[Path] | None, features: np.ndarray | None, feature_names: Sequence[str],
-                source: str, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
-    """Colour ranges of the training photos and value ranges of the clinical features (what the data has)."""
-    rows = len(image_paths) if image_paths is not None else len(features)
-    samples = []
-    for k in tqdm(range(rows), desc="quality", leave=False):
-        sample = scar.clinical_quality_measures(features[k] if features is not None else None, feature_names)
-        if image_paths is not None:
-            sample.update(scar.quality_measures(_read(image_paths[k], "rgb")))
-        samples.append(sample)
-    return quality.record_ranges(samples, margin=margin, source=source)
-
-
-def handbone_record(frame_samples: Sequence[tuple[np.ndarray, handbone.Geometry]], classes: Sequence[str],
-                    source: str, margin: float = DEFAULT_MARGIN,
-                    min_piece_fraction: float = DEFAULT_MIN_PIECE_FRACTION) -> dict[str, Any]:
-    """Bones found, pieces and area ranges of the training masks, in the model frame the daemon measures in.
-
-    ``frame_samples``: per training image, its ``(C, S, S)`` bool masks in the model frame and its geometry.
-    """
-    samples = [handbone.quality_measures(masks, geometry, classes, min_piece_fraction)
-               for masks, geometry in frame_samples]
-    return quality.record_ranges(samples, margin=margin, source=source,
-                                 parameters={"min_piece_fraction": min_piece_fraction})
-
-
-def handbone_frame_samples(cases: Sequence[Any], input_spec: dict[str, Any], classes: list[str],
-                           sample=None) -> list[tuple[np.ndarray, handbone.Geometry]]:
-    """The ground-truth masks of hand-bone training cases in the model frame, with their geometry
-    (``sample(i)``: a cached ``train.handbone_data.model_sample`` of case i, when the trainer has one)."""
-    from train.handbone_data import geometry_of, model_sample
-
-    frames = []
-    for k, case in enumerate(tqdm(cases, desc="quality", leave=False)):
-        stacked = sample(k) if sample is not None else model_sample(case, input_spec, classes)
-        frames.append((stacked[1:].astype(bool), geometry_of(case, input_spec)))
-    return frames
-
-
-def describe(data: Path, n: int, what: str) -> str:
-    """The record's ``source``: what the data is (a phantom folder's own note) and where it was read."""
-    from train.reporting import data_source
-
-    folder = data if data.is_dir() else data.parent
-    return f"{data_source(folder, what)}; {n} training {what} under {data}"
-
+from train.core.quality import (DEFAULT_MARGIN, DEFAULT_MIN_PIECE_FRACTION, describe, handbone_record,
+                                osteo_record, scar_record)
+from train.core.reporting import command_parser
 
 def record_for(task: str, data: Path, card: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The quality record of ``card`` computed from ``data`` (the trainer's own data discovery)."""
     margin = args.margin
     if task == "osteo":
-        from train.osteo import find_images
+        from train.osteo.trainer import find_images
 
         items, _, _ = find_images(data)
         return osteo_record([data / item for item in items], describe(data, len(items), "images"), margin)
     if task == "scar":
-        from train.scar_data import load_data
+        from train.scar.data import load_data
 
         modes = {entry.get("model") for entry in card["folds"]}
         mode = "combined" if {"image", "combined"} & modes and modes & {"clinical", "combined"} else \
@@ -107,7 +41,7 @@ def record_for(task: str, data: Path, card: dict[str, Any], args: argparse.Names
         return scar_record(loaded.image_paths, loaded.features, loaded.feature_names,
                            describe(data, len(loaded.items), "rows"), margin)
     if task == "handbone":
-        from train.handbone_data import find_cases
+        from train.handbone.data import find_cases, handbone_frame_samples
 
         cases, classes = find_cases(data), list(card["labels"])
         frames = handbone_frame_samples(cases, card["input"], classes)
@@ -116,8 +50,7 @@ def record_for(task: str, data: Path, card: dict[str, Any], args: argparse.Names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.quality", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser("python -m train.quality", __doc__.split("\n\n")[0])
     parser.add_argument("task", choices=("osteo", "scar", "handbone"))
     parser.add_argument("data", type=Path, help="the data the card was trained on, in the trainer's layout")
     parser.add_argument("--card", type=Path, required=True, help="folder of the card.json to write the record into")

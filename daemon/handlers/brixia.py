@@ -29,11 +29,11 @@ from pydicom.sr.codedict import codes
 from daemon import dicom_content as dicom
 from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
-from daemon.handlers.base import Job, TaskHandler, raised
+from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
-from tasks import brixia, brixia_orient, quality, uncertainty
+from tasks import brixia, brixia_chain, brixia_orient, quality, uncertainty
 from tasks.bundle import Bundle
-from tasks.brixia_film import QUALITY_LABELS, film_refusal, quality_measures
+from tasks.brixia_film import QUALITY_LABELS, quality_measures
 from tasks.frames import Geometry, masks_at_input, probabilities_at_input
 
 ALIGNMENTS = ("auto", "masks", "none")
@@ -118,51 +118,39 @@ class BrixiaHandler(TaskHandler):
     def uses_opacity(self) -> bool:
         return bool((self.card.get("architecture") or {}).get("score", {}).get("opacity", False))
 
-    def check_film(self, pose: np.ndarray | None, masks: np.ndarray) -> None:
-        """Refuse (``unreadable_image``) a film that is not upright-frontal or whose lungs and heart are
-        not where a frontal film has them: its score would be a number without meaning, or swap A-C and D-F."""
+    @functools.cached_property
+    def chain_models(self) -> brixia_chain.ChainModels:
+        """The card's networks and records for the shared segment -> film check -> align chain."""
         output = self.card.get("output") or {}
-        problem = film_refusal(masks, output.get("film_limits"), pose, output.get("orient_min_upright"))
-        if problem is not None:
-            raise ServiceError(UNREADABLE_IMAGE, problem)
+        return brixia_chain.ChainModels(self.bundle["seg"], self.bundle["stn"], self.bundle["orient"],
+                                        output.get("film_limits"), output.get("orient_min_upright"),
+                                        self.alignment_limits, self.uses_opacity)
 
     def infer(self, batch: list[Prepared]) -> list[Inferred | BaseException]:
         device = self.settings.device
         inputs = torch.stack([item.tensor for item in batch]).to(device)
-        probabilities = self.forward(brixia.segment, self.bundle["seg"], inputs).cpu().numpy()
-        poses = self.forward(brixia_orient.pose_probabilities, self.bundle["orient"], inputs).cpu().numpy() \
-            if self.bundle["orient"] and any(item.check_film for item in batch) else None
-        masks = [brixia.clean_masks(p) for p in probabilities]
-        aligned = [None] * len(batch)
-        for method in {item.alignment for item in batch}:
-            rows = [k for k, item in enumerate(batch) if item.alignment == method]
-            for k, result in zip(rows, brixia.align_batch([masks[k] for k in rows], self.bundle["stn"], device, method,
-                                                          self.alignment_limits)):
-                aligned[k] = result
-        results: list[Inferred | BaseException | None] = [None] * len(batch)
-        samples, keep = [], []
-        for k, item in enumerate(batch):
-            if item.check_film:
-                results[k] = raised(self.check_film, None if poses is None else poses[k], masks[k])
-                if results[k] is not None:
-                    continue
-            theta, _ = aligned[k]
-            opacity = brixia.opacity_map(probabilities[k]) if self.uses_opacity else None
-            samples.append(brixia.aligned_sample(item.frame, masks[k], theta, opacity))
-            keep.append(k)
+        # A film that is not upright-frontal, or whose lungs and heart are not where a frontal film has them,
+        # is refused (unreadable_image): its score would be a number without meaning, or swap A-C and D-F.
+        readings = brixia_chain.read_films(self.chain_models, inputs, [item.frame for item in batch], device,
+                                           [item.alignment for item in batch], [item.check_film for item in batch],
+                                           forward=self.forward)
+        results: list[Inferred | BaseException | None] = [
+            ServiceError(UNREADABLE_IMAGE, reading.refusal) if reading.refusal is not None else None
+            for reading in readings]
+        keep = [k for k, reading in enumerate(readings) if reading.refusal is None]
         if keep:
-            packed = [brixia.scorer_inputs(sample, self.card["input"]) for sample in samples]
+            packed = [brixia.scorer_inputs(readings[k].sample, self.card["input"]) for k in keep]
             stacked = {key: torch.stack([p[key] for p in packed]).to(device) for key in packed[0]}
             scores, fold_scores, cams = self._score(stacked, [batch[k].cams for k in keep])
             region_opacity = (brixia.region_opacity(stacked["regions"], stacked["opacity"]).cpu().numpy()
                               if "opacity" in stacked else None)
             for row, k in enumerate(keep):
-                theta, method = aligned[k]
+                reading = readings[k]
                 cam = None
                 if cams is not None and batch[k].cams:
-                    cam = brixia.warp_array(cams[row], brixia.invert_theta(theta))   # back to the unaligned frame
-                results[k] = Inferred(masks[k], theta, method, scores[row], fold_scores[:, row], cam,
-                                      samples[row][1:7].astype(bool),
+                    cam = brixia.warp_array(cams[row], brixia.invert_theta(reading.theta))   # back to the unaligned frame
+                results[k] = Inferred(reading.masks, reading.theta, reading.method, scores[row], fold_scores[:, row],
+                                      cam, reading.sample[1:7].astype(bool),
                                       None if region_opacity is None else region_opacity[row])
         return results  # type: ignore[return-value]
 

@@ -31,7 +31,6 @@ from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_bytes, write_png
 from tasks import handbone, quality, uncertainty
 from tasks.bundle import Bundle
-from tasks.cards import CardError
 
 
 @dataclass
@@ -57,15 +56,13 @@ class HandboneHandler(TaskHandler):
 
     @classmethod
     def check_bundle(cls, bundle: Bundle) -> None:
-        threshold = (bundle.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD)
-        if not is_fraction(threshold):
-            raise CardError(f"output.threshold must be a number from 0 to 1 (got {threshold!r})")
+        handbone.card_threshold(bundle.card)   # a malformed threshold fails the card at load
 
     @property
     def default_threshold(self) -> float:
         """The threshold of a request that names none: the card's ``output.threshold`` (what its trainer
         validated with), else 0.5."""
-        return float((self.card.get("output") or {}).get("threshold", handbone.DEFAULT_THRESHOLD))
+        return handbone.card_threshold(self.card)
 
     def dummy_inputs(self) -> list[Prepared]:
         size = int(self.card["input"]["size"][0])
@@ -75,7 +72,7 @@ class HandboneHandler(TaskHandler):
 
     def validate_options(self, request: dict[str, Any], job: Job) -> None:
         threshold = request.get("threshold", self.default_threshold)
-        if not is_fraction(threshold):
+        if not handbone.is_fraction(threshold):
             raise ServiceError(INVALID_REQUEST, f"'threshold' must be a number from 0 to 1 (got {threshold!r})")
         tta = request.get("tta", False)
         if not isinstance(tta, bool):
@@ -146,11 +143,6 @@ class HandboneHandler(TaskHandler):
         measures = handbone.quality_measures(frame_masks, geometry, classes,
                                              float(record["parameters"]["min_piece_fraction"]))
         return quality.assess(measures, record, handbone.quality_labels(classes))
-
-
-def is_fraction(value: Any) -> bool:
-    """A number from 0 to 1 (JSON's true/false are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 # SNOMED CT codes pydicom knows for a class; every other bone (fingers, carpals) is coded as "Bone".

@@ -24,7 +24,6 @@ from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_png
-from daemon.protocol import require_string
 from tasks import quality, scar, uncertainty
 from tasks.bundle import Bundle
 from tasks.cards import CardError

@@ -13,71 +13,18 @@ shift (+-5 / +-3 %) and brightness/contrast; the STN draws larger poses (+-20 de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from tasks import brixia, brixia_orient
 from tasks.frames import fit_masks_to_model, fit_to_model
 from tasks.imaging import ImageReadError, read_image
-from train.brixia_sources import UNLABELLED, SegCase, case_targets, files_by_stem
-from train.common import augmentation_generator
-
-STRUCTURE_FOLDERS = {
-    "right_lung": ("right_lung", "rightlung", "right", "rightmask", "right_mask", "right lung", "rl"),
-    "left_lung": ("left_lung", "leftlung", "left", "leftmask", "left_mask", "left lung", "ll"),
-    "heart": ("heart", "heartmask", "heart_mask", "h"),
-}
-
-
-@dataclass(frozen=True)
-class MaskCase:
-    """One image with its three structure masks."""
-    stem: str
-    image: Path | None
-    masks: tuple[Path, Path, Path]
-
-
-def structure_folders(masks_root: str | Path) -> dict[str, Path]:
-    """The mask folder of each structure under ``masks_root`` (names matched case-insensitively)."""
-    root = Path(masks_root)
-    if not root.is_dir():
-        raise SystemExit(f"mask folder {root} does not exist")
-    children = {child.name.lower(): child for child in root.iterdir() if child.is_dir()}
-    found, missing = {}, []
-    for structure, names in STRUCTURE_FOLDERS.items():
-        match = next((children[name] for name in names if name in children), None)
-        if match is None:
-            missing.append(f"{structure} (one of: {', '.join(names)})")
-        else:
-            found[structure] = match
-    if missing:
-        raise SystemExit(f"{root} needs one mask folder per structure; missing {'; '.join(missing)}. "
-                         f"Found folders: {', '.join(sorted(children)) or 'none'}")
-    return found
-
-
-def find_mask_cases(masks_root: str | Path, images_root: str | Path | None = None) -> list[MaskCase]:
-    """Stems that have all three masks (and an image, when ``images_root`` is given), sorted."""
-    folders = structure_folders(masks_root)
-    per_structure = [files_by_stem(folders[s]) for s in brixia.STRUCTURES]
-    stems = set(per_structure[0]).intersection(*per_structure[1:])
-    images = files_by_stem(Path(images_root)) if images_root is not None else None
-    if images is not None:
-        if not Path(images_root).is_dir():
-            raise SystemExit(f"image folder {images_root} does not exist")
-        stems &= set(images)
-    if not stems:
-        where = f" matching images in {images_root}" if images_root is not None else ""
-        raise SystemExit(f"no image has all three masks (right_lung, left_lung, heart) under {masks_root}{where}")
-    return [MaskCase(stem, images[stem] if images is not None else None,
-                     tuple(files[stem] for files in per_structure)) for stem in sorted(stems)]
-
+from train.brixia.sources import UNLABELLED, MaskCase, SegCase, case_targets
+from train.core.samples import FoldSamples
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask PNG -> bool (any non-zero pixel is inside)."""
@@ -145,20 +92,15 @@ def jitter_intensity(image: np.ndarray, draws: list[float]) -> np.ndarray:
     return np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
 
 
-def _draws(generator: torch.Generator | None, count: int) -> list[float]:
-    # torch's RNG: DataLoader workers reseed it per worker and epoch, numpy's would repeat.
-    worker = torch.utils.data.get_worker_info()
-    return torch.rand(count, generator=generator if worker is None else None).tolist()
-
-
-class _Samples(Dataset):
+class _Samples(FoldSamples):
     def __init__(self, sample: Callable[[int], np.ndarray], indices: list[int], input_spec: dict[str, Any],
                  train: bool, seed: int | None = None):
-        self.sample, self.indices, self.input_spec, self.train = sample, list(indices), input_spec, train
-        self.generator = augmentation_generator(seed)
+        super().__init__(indices, train, seed)
+        self.sample, self.input_spec = sample, input_spec
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def draws(self, count: int) -> list[float]:
+        """``count`` uniform draws from the augmentation RNG (``FoldSamples.rng``)."""
+        return torch.rand(count, generator=self.rng()).tolist()
 
 
 class SegSamples(_Samples):
@@ -170,12 +112,12 @@ class SegSamples(_Samples):
         image, masks = stacked[0], stacked[1:]
         unlabelled = (masks == UNLABELLED).all(axis=(1, 2))
         if self.train:
-            draws = _draws(self.generator, 6)
+            draws = self.draws(6)
             if draws[0] < 0.7:
                 warped = random_affine([image, *masks], draws[1:4], rotation=10, scale=(0.9, 1.1), shift=0.05)
                 image, masks = warped[0], np.stack(warped[1:])
             if draws[4] < 0.7:
-                image = jitter_intensity(image, _draws(self.generator, 2))
+                image = jitter_intensity(image, self.draws(2))
         target = torch.from_numpy(np.ascontiguousarray(masks)).float()
         target[torch.from_numpy(unlabelled)] = -1.0
         return brixia.to_tensor(image, self.input_spec), target, index
@@ -196,9 +138,9 @@ class StnSamples(_Samples):
     def __getitem__(self, position: int):
         index = self.indices[position]
         masks = self.sample(index)
-        generator = self.generator if self.train else torch.Generator().manual_seed(index)
+        fixed = None if self.train else torch.Generator().manual_seed(index)   # validation: the same poses every epoch
         for _ in range(5):
-            draws = _draws(generator, 3) if self.train else torch.rand(3, generator=generator).tolist()
+            draws = self.draws(3) if fixed is None else torch.rand(3, generator=fixed).tolist()
             posed = np.stack(random_affine(list(masks), draws, rotation=20, scale=(0.75, 1.15), shift=0.12,
                                            nearest_from=0)) > 0
             theta = brixia.mask_theta(posed[0], posed[1])
@@ -226,11 +168,11 @@ class OrientSamples(_Samples):
         index = self.indices[position]
         frame = self.sample(index)
         if self.train:
-            draws = _draws(self.generator, 6)
+            draws = self.draws(6)
             pose = min(int(draws[0] * len(brixia_orient.POSES)), len(brixia_orient.POSES) - 1)
             frame = random_affine([frame], draws[1:4], rotation=10, scale=(0.9, 1.1), shift=0.05)[0]
             if draws[4] < 0.7:
-                frame = jitter_intensity(frame, _draws(self.generator, 2))
+                frame = jitter_intensity(frame, self.draws(2))
         else:
             pose = index % len(brixia_orient.POSES)
         posed = brixia_orient.apply_pose(frame, pose)
@@ -250,13 +192,13 @@ class ScoreSamples(_Samples):
         index = self.indices[position]
         packed = self.sample(index)
         if self.train:
-            draws = _draws(self.generator, 6)
+            draws = self.draws(6)
             if draws[0] < 0.6:
                 warped = random_affine(list(packed), draws[1:4], rotation=5, scale=(0.95, 1.05), shift=0.03)
                 packed = np.stack(warped)
             if draws[4] < 0.7:
                 packed = packed.copy()
-                packed[0] = jitter_intensity(packed[0], _draws(self.generator, 2))
+                packed[0] = jitter_intensity(packed[0], self.draws(2))
         target = np.asarray(self.targets[index])
         target = torch.from_numpy(target.astype(np.float32)) if target.ndim == 2 else \
             torch.from_numpy(target.astype(np.int64))

@@ -17,7 +17,7 @@ import torch
 
 from tasks import brixia, brixia_orient
 from tasks.frames import dice_per_class
-from train.metrics import _pyplot
+from train.core.metrics import _pyplot
 
 
 # ---------------------------------------------------------------- segmentation

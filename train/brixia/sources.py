@@ -11,7 +11,7 @@ Segmentation sources (``SegCase``: one film, a mask per segmenter channel or "no
   Infection masks are opacity labels where the folder has any non-empty one (COVID-19) or its
   class is normal (no infection by definition); a folder whose masks are all empty although its
   films show pneumonia (Non-COVID) is published with placeholders and is treated as not labelled.
-- ``folder_cases``: one folder of images and one folder of masks per structure (``train/brixia_data``'s
+- ``folder_cases``: one folder of images and one folder of masks per structure (``find_mask_cases``'s
   layout), heart required there; an ``opacity`` or ``infection`` mask folder is used when present.
 
 A channel a source does not label contributes no loss and no Dice (never "background").
@@ -66,13 +66,28 @@ class SegCase:
     values: tuple[int, ...] = ()
 
 
+# Suffixes that name a format; anything else after a dot is part of the name (UID-named DICOM exports
+# such as ``1.2.840.113619.2.55.3`` have no extension, and their last number is not one).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+
+
+def name_stem(path: Path) -> str:
+    """A file's name without its format suffix (``a.png`` -> ``a``; ``1.2.840.3`` stays whole), and
+    without a ``_mask`` suffix, so masks and images pair up."""
+    stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    return stem[:-5] if stem.lower().endswith("_mask") else stem
+
+
 def files_by_stem(folder: Path) -> dict[str, Path]:
-    """The images of a folder by name stem (a ``_mask`` suffix dropped, so masks and images pair up)."""
-    files = {}
+    """The images of a folder by ``name_stem``; two images of one stem (``a.png`` and ``a.dcm``) are an
+    error naming both, as either could be the one its mask was drawn on."""
+    files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if is_image_file(path):
-            stem = path.stem[:-5] if path.stem.lower().endswith("_mask") else path.stem
-            files.setdefault(stem, path)
+            stem = name_stem(path)
+            if stem in files:
+                raise SystemExit(f"{files[stem]} and {path} have the same name stem {stem!r}: keep one of them")
+            files[stem] = path
     return files
 
 
@@ -123,9 +138,7 @@ def covid_qu_ex_cases(root: str | Path) -> list[SegCase]:
 
 
 def folder_cases(images_root: str | Path, masks_root: str | Path) -> list[SegCase]:
-    """Cases of the per-structure layout (``MASKS/right_lung`` ...; see ``train.brixia_data``)."""
-    from train.brixia_data import find_mask_cases
-
+    """Cases of the per-structure layout (``MASKS/right_lung`` ...; see ``train.brixia.data``)."""
     masks_root = Path(masks_root)
     opacity_dir = next((masks_root / name for name in ("opacity", "infection", "infection masks")
                         if (masks_root / name).is_dir()), None)
@@ -282,3 +295,54 @@ def read_cohen_annotations(path: str | Path, reader: str = "senior") -> list[dic
                      "scores": senior, "reference": senior, "global": sum(senior),
                      "Subject": cohen_group(row["filename"]), "consensus": False})
     return rows
+
+
+STRUCTURE_FOLDERS = {
+    "right_lung": ("right_lung", "rightlung", "right", "rightmask", "right_mask", "right lung", "rl"),
+    "left_lung": ("left_lung", "leftlung", "left", "leftmask", "left_mask", "left lung", "ll"),
+    "heart": ("heart", "heartmask", "heart_mask", "h"),
+}
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """One image with its three structure masks."""
+    stem: str
+    image: Path | None
+    masks: tuple[Path, Path, Path]
+
+
+def structure_folders(masks_root: str | Path) -> dict[str, Path]:
+    """The mask folder of each structure under ``masks_root`` (names matched case-insensitively)."""
+    root = Path(masks_root)
+    if not root.is_dir():
+        raise SystemExit(f"mask folder {root} does not exist")
+    children = {child.name.lower(): child for child in root.iterdir() if child.is_dir()}
+    found, missing = {}, []
+    for structure, names in STRUCTURE_FOLDERS.items():
+        match = next((children[name] for name in names if name in children), None)
+        if match is None:
+            missing.append(f"{structure} (one of: {', '.join(names)})")
+        else:
+            found[structure] = match
+    if missing:
+        raise SystemExit(f"{root} needs one mask folder per structure; missing {'; '.join(missing)}. "
+                         f"Found folders: {', '.join(sorted(children)) or 'none'}")
+    return found
+
+
+def find_mask_cases(masks_root: str | Path, images_root: str | Path | None = None) -> list[MaskCase]:
+    """Stems that have all three masks (and an image, when ``images_root`` is given), sorted."""
+    folders = structure_folders(masks_root)
+    per_structure = [files_by_stem(folders[s]) for s in brixia.STRUCTURES]
+    stems = set(per_structure[0]).intersection(*per_structure[1:])
+    images = files_by_stem(Path(images_root)) if images_root is not None else None
+    if images is not None:
+        if not Path(images_root).is_dir():
+            raise SystemExit(f"image folder {images_root} does not exist")
+        stems &= set(images)
+    if not stems:
+        where = f" matching images in {images_root}" if images_root is not None else ""
+        raise SystemExit(f"no image has all three masks (right_lung, left_lung, heart) under {masks_root}{where}")
+    return [MaskCase(stem, images[stem] if images is not None else None,
+                     tuple(files[stem] for files in per_structure)) for stem in sorted(stems)]

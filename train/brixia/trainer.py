@@ -8,7 +8,7 @@
 
 ``seg``: lung/heart segmentation (smp, three sigmoid channels right lung / left lung / heart)
 from one folder of images and one folder of masks per structure (``MASKS/right_lung``,
-``MASKS/left_lung``, ``MASKS/heart``, or the usual variants: see ``train/brixia_data.py``);
+``MASKS/left_lung``, ``MASKS/heart``, or the usual variants: see ``train/brixia/data.py``);
 k-fold, BCE + Dice, best epoch by mean Dice. ``stn``: the spatial transformer that aligns the
 lungs, trained on the same masks posed by random affines, with the mask-derived affine of
 ``tasks.brixia.mask_theta`` as its target (no hand registration). ``score``: the region scorer
@@ -61,26 +61,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import brixia, brixia_orient, cards
-from tasks.bundle import load_bundle
+from tasks import brixia, brixia_chain, brixia_orient, cards
+from tasks.bundle import build_bundle, load_bundle
 from tasks.nets.smp_models import set_output_prior
 from tasks.weights import load_state_dict
-from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, run_kfold
+from train.core.cache import PreprocessCache
+from train.core.loop import TrainTask, add_training_arguments, run_kfold
 from tasks import quality
-from tasks.brixia_film import film_refusal, limits_from_masks, quality_measures
-from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
+from tasks.brixia_film import limits_from_masks, quality_measures
+from train.core.distributed import DistributedContext, setup_distributed, shutdown_distributed
 from tasks.intensity import POLICIES, default_intensity
-from train.brixia_data import (OrientSamples, ScoreSamples, SegSamples, StnSamples, find_mask_cases, mask_sample,
+from train.brixia import labels, loss, transfer
+from train.brixia.data import (OrientSamples, ScoreSamples, SegSamples, StnSamples, mask_sample,
                                read_gray, seg_sample)
-from train.brixia_metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_card_output, orient_metrics, orient_records,
+from train.brixia.metrics import (ScoreRecords, SegRecords, consensus_metrics, orient_card_output, orient_metrics, orient_records,
                                   plot_score_report, plot_seg_report, score_metrics, seg_metrics, stn_loss, stn_metrics,
                                   stn_records)
-from train.brixia_sources import (JSRT_VALUES, READERS, SOURCE_NOTES, covid_qu_ex_cases, folder_cases,
-                                  is_cohen_annotations, jsrt_cases, read_cohen_annotations)
-from train.losses import SegmentationLoss
-from train.metrics import json_safe
-from train.reporting import data_source
+from train.brixia.sources import (JSRT_VALUES, READERS, SOURCE_NOTES, covid_qu_ex_cases, find_mask_cases,
+                                  folder_cases, is_cohen_annotations, jsrt_cases, read_cohen_annotations)
+from train.core.losses import SegmentationLoss
+from train.core.metrics import json_safe
+from train.core.reporting import data_source
 
 STAGES = ("seg", "stn", "orient", "score")
 QUALITY_MARGIN = 0.25  # the output check's ranges: training min-max widened by this (tasks.quality)
@@ -282,7 +283,7 @@ def seg_task(args: argparse.Namespace) -> TrainTask:
 
     return TrainTask(
         name="brixia-seg", items=[case.key for case in cases], strata=[sorted(counts).index(s) for s in sources],
-        dataset=lambda indices, train: SegSamples(sample, indices, input_spec, train),
+        dataset=lambda indices, train, fit_rows: SegSamples(sample, indices, input_spec, train),
         build_model=build, loss=SegmentationLoss(args.loss), records=SegRecords(labels, sources), metrics=seg_metrics,
         score_key="dice", report=plot_seg_report,
         make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-5),
@@ -299,7 +300,7 @@ def stn_task(args: argparse.Namespace) -> TrainTask:
                       key=lambda case: case.masks[0])
     return TrainTask(
         name="brixia-stn", items=[case.stem for case in cases], strata=[0] * len(cases),
-        dataset=lambda indices, train: StnSamples(sample, indices, input_spec, train, stn_size=args.stn_size),
+        dataset=lambda indices, train, fit_rows: StnSamples(sample, indices, input_spec, train, stn_size=args.stn_size),
         build_model=lambda: brixia.build_stn(architecture), loss=stn_loss, records=stn_records,
         metrics=stn_metrics, score_key="box_iou",
         make_scheduler=lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs)),
@@ -323,7 +324,7 @@ def orient_task(args: argparse.Namespace) -> TrainTask:
     counts = {source: sources.count(source) for source in sorted(set(sources))}
     return TrainTask(
         name="brixia-orient", items=[case.key for case in cases], strata=[sorted(counts).index(s) for s in sources],
-        dataset=lambda indices, train: OrientSamples(sample, indices, input_spec, train, orient_size=args.orient_size),
+        dataset=lambda indices, train, fit_rows: OrientSamples(sample, indices, input_spec, train, orient_size=args.orient_size),
         build_model=lambda: brixia_orient.build_orient(architecture), loss=torch.nn.CrossEntropyLoss(),
         records=orient_records, metrics=orient_metrics, score_key="accuracy", card_from_results=orient_card_output,
         make_optimizer=lambda parameters, lr: torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4),
@@ -356,50 +357,45 @@ def load_stage(folder: Path, expected_task: str, device: torch.device) -> tuple[
 
 
 class Pipeline:
-    """Segment -> clean -> align -> regions (+ aligned opacity) for training images, as the daemon runs
-    them; also notes for every film the alignment used and whether the daemon's film check
-    (``tasks.brixia_film``) would refuse it."""
+    """The daemon's segment -> film check -> align -> regions (+ aligned opacity) chain
+    (``tasks.brixia_chain``) on training films; also notes for every film the alignment used and
+    whether the daemon's film check would refuse it."""
 
     def __init__(self, seg_card: dict[str, Any], seg: list[torch.nn.Module], stn: list[torch.nn.Module],
                  device: torch.device, opacity: bool = False, orient: list[torch.nn.Module] | None = None,
                  min_upright: float | None = None):
-        self.input_spec, self.seg, self.stn, self.device = seg_card["input"], seg, stn, device
-        self.opacity, self.orient, self.min_upright = opacity, orient or [], min_upright
-        self.film_limits = (seg_card.get("output") or {}).get("film_limits")
+        self.input_spec, self.device = seg_card["input"], device
+        self.models = brixia_chain.ChainModels(seg, stn, orient or [], (seg_card.get("output") or {}).get("film_limits"),
+                                               min_upright, opacity=opacity)
         self.methods: dict[str, int] = {}
         self.refused: dict[str, str] = {}
         self.measures: dict[str, dict[str, float]] = {}   # film name -> quality measures (films not refused)
 
-    def _segment(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Model frame, segmenter probabilities and cleaned masks of one film; its film check noted."""
+    def _read(self, path: Path, align: bool) -> brixia_chain.FilmReading:
+        """One film through the chain (refused films sampled too: they are still learnt from); its film
+        check noted."""
         tensor, frame, _ = brixia.preprocess(read_gray(path), self.input_spec)
-        probabilities = brixia.segment(self.seg, tensor[None].to(self.device))[0].cpu().numpy()
-        masks = brixia.clean_masks(probabilities)
-        pose = (brixia_orient.pose_probabilities(self.orient, tensor[None].to(self.device))[0].cpu().numpy()
-                if self.orient else None)
-        problem = film_refusal(masks, self.film_limits, pose, self.min_upright)
+        (reading,) = brixia_chain.read_films(self.models, tensor[None].to(self.device), [frame], self.device,
+                                             sample_refused=True, align=align)
         name = Path(path).name
-        if problem is not None:
-            self.refused[name] = problem
+        if reading.refusal is not None:
+            self.refused[name] = reading.refusal
         else:  # the output check's ranges come from the films the daemon would score
-            self.measures[name] = quality_measures(masks)
-        return frame, probabilities, masks
+            self.measures[name] = quality_measures(reading.masks)
+        return reading
 
     def checked(self, path: Path) -> bool:
         name = Path(path).name
         return name in self.refused or name in self.measures
 
-    @torch.no_grad()
     def check(self, path: Path) -> None:
         """The film check alone, for a film whose sample came from the cache (or another rank)."""
-        self._segment(path)
+        self._read(path, align=False)
 
-    @torch.no_grad()
     def __call__(self, path: Path) -> np.ndarray:
-        frame, probabilities, masks = self._segment(path)
-        ((theta, method),) = brixia.align_batch([masks], self.stn, self.device)
-        self.methods[method] = self.methods.get(method, 0) + 1
-        return brixia.aligned_sample(frame, masks, theta, brixia.opacity_map(probabilities) if self.opacity else None)
+        reading = self._read(path, align=True)
+        self.methods[reading.method] = self.methods.get(reading.method, 0) + 1
+        return reading.sample
 
 
 def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -407,7 +403,7 @@ def find_images(data: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, 
     folders = [data / name for name in IMAGE_FOLDERS if (data / name).is_dir()]
     found, missing = [], []
     for row in rows:
-        path = next((p for p in (brixia.resolve_image(f, row["Filename"]) for f in folders) if p is not None), None)
+        path = next((p for p in (labels.resolve_image(f, row["Filename"]) for f in folders) if p is not None), None)
         if path is None:
             missing.append(row["Filename"])
         else:
@@ -442,7 +438,7 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
     trunk_state = None
     if args.trunk_from_seg:
         try:
-            trunk_state = brixia.trunk_state_from_segmenter(seg_encoder_state(args.seg, stage_cards["seg"]), probe)
+            trunk_state = transfer.trunk_state_from_segmenter(seg_encoder_state(args.seg, stage_cards["seg"]), probe)
         except ValueError as exc:
             raise SystemExit(f"--trunk-from-seg: {exc}") from None
     params = {"input": input_spec, "seg": [f["sha256"] for f in stage_cards["seg"]["folds"]],
@@ -472,9 +468,9 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
     return TrainTask(
         name=brixia.TASK, items=[row["Filename"] for row in rows],
         strata=[min(sum(ref) // 4, 3) for ref in reference], groups=subjects,
-        dataset=lambda indices, train: ScoreSamples(lambda index: cache.get(paths[index]), indices, input_spec, train,
+        dataset=lambda indices, train, fit_rows: ScoreSamples(lambda index: cache.get(paths[index]), indices, input_spec, train,
                                                     targets=targets),
-        build_model=build, loss=brixia.RegionLoss(args.ordinal_weight),
+        build_model=build, loss=loss.RegionLoss(args.ordinal_weight),
         records=ScoreRecords(reference, second_reader, args.decision),
         metrics=score_metrics, score_key="accuracy", report=plot_score_report,
         make_optimizer=_grouped_adamw,
@@ -490,7 +486,7 @@ def score_task(args: argparse.Namespace, context: DistributedContext, pipeline: 
               "output": {"levels": brixia.SCORE_LEVELS, "global": "sum of the six region scores (0-18)",
                          "decision": args.decision,
                          "alignment": "stn" if stage_cards.get("stn") else "masks",
-                         "canonical_box": list(brixia.CANONICAL_BOX),
+                         **brixia.DEFAULT_ALIGNMENT.record(),   # what the chain aligned the training films with
                          "film_limits": (stage_cards["seg"].get("output") or {}).get("film_limits"),
                          **({"orient_min_upright": stage_cards["orient"]["output"]["min_upright"]}
                             if stage_cards.get("orient") else {})},
@@ -542,12 +538,9 @@ def evaluate_consensus(out: Path, card: dict[str, Any], pipeline: Pipeline, rows
     """Score the held-out consensus images with the mean of the fold scorers."""
     if not rows:
         return None
-    networks = []
-    for fold in card["folds"]:
-        if fold.get("model") == "score":
-            network = brixia.build_scorer(card["architecture"]["score"])
-            network.load_state_dict(load_state_dict(out / fold["file"]), strict=True)
-            networks.append(network.eval().to(device))
+    entries = [fold for fold in card["folds"] if fold.get("model") == "score"]
+    networks = build_bundle(card, entries, [load_state_dict(out / fold["file"]) for fold in entries],
+                            {"score": brixia.build_scorer}, device)["score"]
     predicted, truth = [], []
     decision = card["output"].get("decision", "argmax")
     with torch.no_grad():
@@ -572,8 +565,8 @@ def run_score(args: argparse.Namespace, context: DistributedContext) -> None:
         if is_cohen_annotations(args.metadata):
             rows = read_cohen_annotations(args.metadata, args.reader)
         else:
-            rows = brixia.read_metadata(args.metadata)
-        consensus = brixia.read_consensus(args.consensus) if args.consensus else None
+            rows = labels.read_metadata(args.metadata)
+        consensus = labels.read_consensus(args.consensus) if args.consensus else None
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     rows, missing = find_images(args.data, rows)
@@ -648,6 +641,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brixia {args.stage}: done in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from train.distributed import DistributedContext
+from train.core.distributed import DistributedContext
 
 
 class PreprocessCache:

@@ -1,6 +1,6 @@
 """The shared k-fold trainer: a task describes itself as a ``TrainTask``; ``run_kfold`` does the rest.
 
-A task trainer (``train/osteo.py`` is the model to copy) parses its arguments with
+A task trainer (``train/osteo/trainer.py`` is the model to copy) parses its arguments with
 ``add_training_arguments``, calls ``setup_distributed()``, builds a ``TrainTask`` (items and
 their stratification labels, a dataset factory, a network builder, a loss, per-sample records,
 a metric function, the selection score and its card fields), and calls
@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from tasks.cards import sha256_file, write_card
 from tasks.weights import save_state_dict
-from train.distributed import DistributedContext, setup_distributed, shutdown_distributed
-from train.folds import load_or_write_splits, read_groups
-from train.metrics import json_safe
-from train.reporting import command_line, plot_fold_curves, scalar_items, version_string, write_rows
+from train.core.distributed import DistributedContext, setup_distributed, shutdown_distributed
+from train.core.folds import load_or_write_splits, read_groups
+from train.core.metrics import json_safe
+from train.core.reporting import command_line, plot_fold_curves, scalar_items, version_string, write_rows
 
 Records = list[dict[str, Any]]
 
@@ -56,11 +56,11 @@ def _plateau(optimizer: torch.optim.Optimizer):
 class TrainTask:
     """Everything task-specific the k-fold loop needs.
 
-    ``dataset(indices, train)`` returns a Dataset over those items yielding ``(input, target,
-    index)`` with ``index`` the item's position in ``items``; ``train`` asks for augmentation
-    and nothing else. A task whose inputs depend on statistics fitted from data (scar's
-    clinical scaler) sets ``dataset_fit_rows`` and is called ``dataset(indices, train,
-    fit_rows)``, ``fit_rows`` being the fold's training rows, for every dataset of the fold. ``records(outputs, targets,
+    ``dataset(indices, train, fit_rows)`` returns a Dataset over those items yielding ``(input,
+    target, index)`` with ``index`` the item's position in ``items`` and ``input`` a tensor or a
+    dict of tensors; ``train`` asks for augmentation and nothing else; ``fit_rows`` are the fold's
+    training rows, the only rows any statistic the inputs depend on may be fitted from (scar's
+    clinical scaler), for the training, validation and calibration sets alike. ``records(outputs, targets,
     indices)`` turns a validation batch into small per-item dicts (probabilities, predicted
     class, a Dice...); they are gathered across ranks, written to ``oof_predictions.csv``
     and fed to ``metrics(records) -> dict``, whose ``score_key`` entry (higher is better)
@@ -71,7 +71,7 @@ class TrainTask:
     name: str
     items: list[str]
     strata: list[int]
-    dataset: Callable[..., Dataset]
+    dataset: Callable[[list[int], bool, list[int]], Dataset]
     build_model: Callable[[], torch.nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     records: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Records]
@@ -91,14 +91,10 @@ class TrainTask:
     keep_last: bool = False
     # Card fields computed from the pooled out-of-fold records and metrics (e.g. an operating threshold).
     card_from_results: Callable[[Records, dict[str, Any]], dict[str, Any]] | None = None
-    # ``dataset`` takes a third argument, the rows its fitted statistics come from (see above).
-    dataset_fit_rows: bool = False
 
     def fold_dataset(self, indices: list[int], train: bool, fit_rows: list[int]) -> Dataset:
         """The dataset over ``indices`` of a fold whose training rows are ``fit_rows``."""
-        if self.dataset_fit_rows:
-            return self.dataset(indices, train, fit_rows)  # type: ignore[call-arg]
-        return self.dataset(indices, train)
+        return self.dataset(indices, train, fit_rows)
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100, batch_size: int = 4,
@@ -136,13 +132,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: int = 100
     parser.add_argument("--demo", action="store_true",
                         help="mark the card as demo weights (trained on synthetic phantoms, never clinical)")
     return parser
-
-
-def augmentation_generator(seed: int | None = None) -> torch.Generator:
-    """The torch RNG a training dataset draws its augmentation from: seeded from the global RNG,
-    which run_kfold seeds per fold (reproducible, different per fold), unless ``seed`` is given."""
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,))) if seed is None else seed
-    return torch.Generator().manual_seed(seed)
 
 
 def seed_everything(seed: int) -> None:

@@ -6,6 +6,7 @@ predicted by the fold that did not train on it).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -14,6 +15,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of a ``python -m train...`` command: its name, what it does, and defaults in ``--help``."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def version_string() -> str:
@@ -69,7 +76,7 @@ def plot_fold_curves(rows: Sequence[dict[str, Any]], score_key: str, path: str |
     Epochs without validation (``--val-every``) have no validation loss or score: those curves
     join the validated epochs only.
     """
-    from train.metrics import _pyplot
+    from train.core.metrics import _pyplot
 
     plt = _pyplot()
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -17,16 +17,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from tasks import handbone
 from tasks.imaging import ImageReadError, image_dimensions, is_image_file, read_image
-from train.common import augmentation_generator
+from train.core.samples import FoldSamples
 
 
 
@@ -128,26 +128,20 @@ def augmented(image: np.ndarray, masks: np.ndarray, generator: torch.Generator |
     return image, masks
 
 
-class HandboneSamples(Dataset):
+class HandboneSamples(FoldSamples):
     """Cases -> (normalised input (3, S, S), float masks (C, S, S), item index)."""
 
     def __init__(self, sample: Callable[[int], np.ndarray], indices: list[int], input_spec: dict[str, Any],
                  train: bool, elastic: bool = False, seed: int | None = None):
-        self.sample, self.indices, self.input_spec = sample, list(indices), input_spec
-        self.train, self.elastic = train, elastic
-        self.generator = augmentation_generator(seed)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        super().__init__(indices, train, seed)
+        self.sample, self.input_spec, self.elastic = sample, input_spec, elastic
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         stacked = self.sample(index)
         image, masks = stacked[0], stacked[1:]
         if self.train:
-            # torch's RNG: DataLoader workers reseed it per worker and epoch, numpy's would repeat.
-            worker = torch.utils.data.get_worker_info()
-            image, masks = augmented(image, masks, self.generator if worker is None else None, self.elastic)
+            image, masks = augmented(image, masks, self.rng(), self.elastic)
         return (handbone.to_tensor(image, self.input_spec), torch.from_numpy(np.ascontiguousarray(masks)).float(),
                 index)
 
@@ -156,3 +150,13 @@ def geometry_of(case: Case, input_spec: dict[str, Any]) -> handbone.Geometry:
     """The model-frame geometry of a case, from its header only."""
     return handbone.model_geometry(*image_dimensions(case.image), input_spec)
 
+
+def handbone_frame_samples(cases: Sequence[Any], input_spec: dict[str, Any], classes: list[str],
+                           sample=None) -> list[tuple[np.ndarray, handbone.Geometry]]:
+    """The ground-truth masks of hand-bone training cases in the model frame, with their geometry
+    (``sample(i)``: a cached ``model_sample`` of case i, when the trainer has one)."""
+    frames = []
+    for k, case in enumerate(tqdm(cases, desc="quality", leave=False)):
+        stacked = sample(k) if sample is not None else model_sample(case, input_spec, classes)
+        frames.append((stacked[1:].astype(bool), geometry_of(case, input_spec)))
+    return frames

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tasks import cards, handbone
 from tasks.imaging import is_image_file, read_image
 from tasks.bundle import Bundle, load_bundle
+from train.core.reporting import command_parser
 
 
 
@@ -84,6 +85,17 @@ def check_labels(loaded: list[Bundle]) -> list[str]:
     return labels
 
 
+def card_threshold(loaded: list[Bundle]) -> float:
+    """The threshold every card records (``tasks.handbone.card_threshold``); cards that disagree must be told one."""
+    try:
+        thresholds = {handbone.card_threshold(item.card) for item in loaded}
+    except cards.CardError as exc:
+        raise SystemExit(f"cannot use the cards: {exc}") from exc
+    if len(thresholds) > 1:
+        raise SystemExit(f"the cards record different thresholds {sorted(thresholds)}: choose one with --threshold")
+    return thresholds.pop()
+
+
 def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -96,22 +108,22 @@ def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.handbone infer",
-        description="Segment every image under TEST_DIR with the mean of all folds of one or more handbone cards "
-                    "and write the seed's submission CSV (image_name,class,rle).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser(
+        "python -m train.handbone infer",
+        "Segment every image under TEST_DIR with the mean of all folds of one or more handbone cards "
+        "and write the seed's submission CSV (image_name,class,rle).")
     parser.add_argument("test_dir", type=Path, help="folder with DCM/IDxxx/*.png (or images anywhere below)")
     parser.add_argument("--weights", type=Path, nargs="+", required=True,
                         help="one or more card folders (weights/handbone ...); all their folds are ensembled")
     parser.add_argument("--out", type=Path, required=True, help="CSV file to write")
     parser.add_argument("--tta", action="store_true", help="also average a horizontally flipped pass")
-    parser.add_argument("--threshold", type=float, default=handbone.DEFAULT_THRESHOLD,
-                        help="probability above which a pixel belongs to a bone")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="probability above which a pixel belongs to a bone (default: the cards' "
+                             "output.threshold, as the daemon serves them; they must agree)")
     parser.add_argument("--fold", type=int, default=None, help="use only this fold of each card")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    if not 0 <= args.threshold <= 1:
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
         parser.error("--threshold must lie in [0, 1]")
     return args
 
@@ -122,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     loaded = [load_card(folder, device, args.fold) for folder in args.weights]
     labels = check_labels(loaded)
+    threshold = args.threshold if args.threshold is not None else card_threshold(loaded)
     images = find_images(args.test_dir)
     rows: list[tuple[str, str, str]] = []
     for path in tqdm(images, desc="infer", file=sys.stderr):
         gray = read_image(path, color="gray")
-        masks = predict_masks(gray, loaded, device, args.tta, args.threshold)
+        masks = predict_masks(gray, loaded, device, args.tta, threshold)
         rows += handbone.rle_rows(path.name, masks, labels)
     write_csv(args.out, rows)
     networks = sum(len(item.only()) for item in loaded)

@@ -1,6 +1,6 @@
 """Hand-bone loss, validation Dice at the original resolution, and the per-class Dice plot.
 
-Loss: ``train.losses.SegmentationLoss``, weighted BCE + soft Dice + soft IoU on the model-frame
+Loss: ``train.core.losses.SegmentationLoss``, weighted BCE + soft Dice + soft IoU on the model-frame
 masks, with the seed's ``--loss`` weights (default 1 1 1).
 
 Validation Dice (the selection score) is computed as the competition scores it, and unlike the
@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from tasks import handbone
-from train.handbone_data import Case, geometry_of, original_masks
-from train.losses import SegmentationLoss  # noqa: F401  (handbone's loss; defined with the other losses)
+from train.handbone.data import Case, geometry_of, original_masks
 
 
 class DiceRecords:
@@ -54,7 +53,7 @@ def dice_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> d
 def plot_dice_per_class(records: Sequence[dict[str, Any]], metrics: dict[str, Any], out: str | Path,
                         classes: Sequence[str]) -> list[Path]:
     """``OUT/dice_per_class.png``: pooled out-of-fold Dice per class as bars, the mean as a line."""
-    from train.metrics import _pyplot
+    from train.core.metrics import _pyplot
 
     plt = _pyplot()
     values = [metrics["dice_per_class"].get(name, float("nan")) for name in classes]

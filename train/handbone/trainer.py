@@ -16,16 +16,16 @@ pretrained encoder weights (needs internet on first use); the default trains fro
 
 Preprocessing is ``tasks.handbone`` (fit to the square model size by letterbox or resize, gray
 to 3 channels, ImageNet mean/std), the same code the daemon serves with. Augmentations are in
-``train/handbone_data.py`` (flip, small rotation/scale, brightness/contrast, optional elastic).
+``train/handbone/data.py`` (flip, small rotation/scale, brightness/contrast, optional elastic).
 Loss: weighted BCE + Dice + IoU (``--loss`` weights as the seed). Optimiser AdamW (the seed's
 AdamP is not a dependency) with weight decay 1e-6, cosine learning rate. The best epoch of each
-fold by validation Dice, computed at each image's own resolution (``train/handbone_metrics.py``),
+fold by validation Dice, computed at each image's own resolution (``train/handbone/metrics.py``),
 is kept. Validation runs every ``--val-every N`` epochs and after the last one (default every
 epoch; the seed validated every 2), and the best epoch is chosen among those. Plots:
 ``logs/fold{k}.png`` (curves) and ``dice_per_class.png``; the card holds the per-class and mean
 Dice per fold and pooled out of fold.
 
-``--tune N`` (``train/handbone_tune.py``) is the seed's optuna search: N TPE trials seeded by
+``--tune N`` (``train/handbone/tune.py``) is the seed's optuna search: N TPE trials seeded by
 ``--seed`` over the model size (``--tune-sizes``), lr (log-uniform in ``--tune-lr``) and epochs
 (``--tune-epochs``), each a full k-fold run into ``OUT/tune/trial{k}/`` scored by its pooled
 out-of-fold Dice; ``OUT/tune/trials.csv`` lists them and ``OUT/tune/best.json`` holds the best
@@ -63,25 +63,25 @@ import torch
 
 from tasks import handbone
 from tasks.nets.smp_models import set_output_prior
-from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, run_trainer
-from train.handbone_data import HandboneSamples, find_cases, model_sample
-from train.reporting import data_source
-from train.handbone_metrics import DiceRecords, SegmentationLoss, dice_metrics, plot_dice_per_class
-from train.handbone_tune import add_tune_arguments
-from train.quality import describe, handbone_frame_samples, handbone_record
+from train.core.cache import PreprocessCache
+from train.core.loop import TrainTask, add_training_arguments, run_trainer
+from train.handbone.data import HandboneSamples, find_cases, handbone_frame_samples, model_sample
+from train.core.reporting import command_parser, data_source
+from train.core.losses import SegmentationLoss
+from train.handbone.metrics import DiceRecords, dice_metrics, plot_dice_per_class
+from train.handbone.tune import add_tune_arguments, run_tune
+from train.core.quality import describe, handbone_record
 
 AUGMENTATION = ("per sample: horizontal flip p=0.5; rotation +-10 deg and scale 0.9-1.1 p=0.5; brightness +-0.1 "
                 "and contrast 0.8-1.2 p=0.5; elastic p=0.3 when --elastic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.handbone",
-        description="Train the hand-bone segmentation (29 classes, smp) with patient-grouped k-fold and write "
-                    "fold weights plus card.json. Inference: python -m train.handbone infer --help. "
-                    "Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.handbone ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser(
+        "python -m train.handbone",
+        "Train the hand-bone segmentation (29 classes, smp) with patient-grouped k-fold and write "
+        "fold weights plus card.json. Inference: python -m train.handbone infer --help. "
+        "Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.handbone ...")
     parser.add_argument("data", type=Path, help="folder with DCM/IDxxx/*.png and outputs_json/IDxxx/*.json")
     parser.add_argument("--arch", default="unet", choices=sorted(handbone.ARCHITECTURES),
                         help="smp architecture")
@@ -168,7 +168,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
         items=[case.item for case in cases],
         strata=[0] * len(cases),
         groups=[case.patient for case in cases],
-        dataset=lambda indices, train: HandboneSamples(sample, indices, input_spec, train, elastic=args.elastic),
+        dataset=lambda indices, train, fit_rows: HandboneSamples(sample, indices, input_spec, train, elastic=args.elastic),
         build_model=network_builder(architecture, args.encoder_weights),
         loss=SegmentationLoss(args.loss),
         records=DiceRecords(cases, input_spec, classes),
@@ -201,16 +201,16 @@ def build_task(args: argparse.Namespace) -> TrainTask:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "infer":
-        from train.handbone_infer import main as infer_main
+        from train.handbone.infer import main as infer_main
 
         return infer_main(argv[1:])
     args = parse_args(argv)
     if args.tune:
-        from train.handbone_tune import run_tune
+        return run_tune(args, argv, parse_args, train)
+    return train(args)
 
-        return run_tune(args, argv)
+
+def train(args: argparse.Namespace) -> int:
+    """One k-fold run of ``args`` into its card."""
     return run_trainer(lambda: build_task(args), args, module="train.handbone")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,13 +25,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from tasks import handbone
 from tasks.cards import read_card
-from train.reporting import write_rows
+from train.core.reporting import write_rows
 
 INSTALL_HINT = 'pip install -e ".[tune]"'
 # Flags a trial's command line sets itself (each with how many values it takes; "+" = one or more).
@@ -142,11 +142,10 @@ def _params_argv(base: Sequence[str], out: Path, params: dict[str, Any]) -> list
             "--epochs", str(params["epochs"])]
 
 
-def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run the search ``args`` asks for (``argv``: the command line it was parsed from)."""
-    from train.handbone import build_task, parse_args
-    from train.common import run_trainer
-
+def run_tune(args: argparse.Namespace, argv: Sequence[str],
+             parse_args: Callable[[Sequence[str]], argparse.Namespace], train: Callable[[argparse.Namespace], Any]) -> int:
+    """Run the search ``args`` asks for (``argv``: the command line it was parsed from). The trainer passes
+    its own ``parse_args`` and ``train`` (one trial's k-fold run), so this module never imports it."""
     _check(args)
     optuna = _import_optuna()
     out = Path(args.out)
@@ -171,7 +170,7 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if trial_args.tune:  # an option spelling strip_options missed: never recurse
                 raise SystemExit(f"tune: could not remove --tune from the trial's command {trial_argv}")
             with _argv(trial_argv):
-                run_trainer(lambda: build_task(trial_args), trial_args, module="train.handbone")
+                train(trial_args)
         finally:
             trial.set_user_attr("seconds", round(time.time() - started, 1))
             if torch.cuda.is_available():

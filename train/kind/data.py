@@ -19,11 +19,10 @@ from typing import Any, Callable, Mapping
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from tasks import kind
 from tasks.imaging import ImageReadError, decode_image, is_image_file
-from train.common import augmentation_generator
+from train.core.samples import FoldSamples
 
 MANIFEST = "manifest.csv"
 # Where each task's phantom generator (train.synthetic) puts its images (masks live elsewhere).
@@ -153,7 +152,7 @@ def write_plain_images(folder: Path, n: int, seed: int) -> list[KindItem]:
         path = folder / f"plain_{k:03d}.png"
         cv2.imwrite(str(path), image if image.ndim == 2 else image[:, :, ::-1])
         items.append(KindItem(path.relative_to(folder.parent).as_posix(), path, "other", PLAIN_FAMILY,
-                              "generated (train.kind_data.write_plain_images)", "synthetic (this project)", False))
+                              "generated (train.kind.data.write_plain_images)", "synthetic (this project)", False))
     return items
 
 
@@ -308,24 +307,18 @@ def augmented(image: np.ndarray, label: str, generator: torch.Generator | None) 
     return np.ascontiguousarray(image), label
 
 
-class KindImages(Dataset):
+class KindImages(FoldSamples):
     """Items -> (kind network input (4, S, S), kind index, item index)."""
 
     def __init__(self, pixels: Callable[[int], np.ndarray], labels: list[str], indices: list[int],
                  input_spec: Mapping[str, Any], train: bool, seed: int | None = None):
-        self.pixels, self.labels, self.indices = pixels, labels, list(indices)
-        self.input_spec, self.train = input_spec, train
-        self.generator = augmentation_generator(seed)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        super().__init__(indices, train, seed)
+        self.pixels, self.labels, self.input_spec = pixels, labels, input_spec
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         image, label = self.pixels(index), self.labels[index]
         if self.train:
-            # torch's RNG: DataLoader workers reseed it per worker and epoch, numpy's would repeat.
-            worker = torch.utils.data.get_worker_info()
-            image, label = augmented(image, label, self.generator if worker is None else None)
+            image, label = augmented(image, label, self.rng())
         frame, inside = kind.letterboxed(image, self.input_spec)
         return kind.to_tensor(frame, inside, self.input_spec), kind.KINDS.index(label), index

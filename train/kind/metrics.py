@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tasks import kind
-from train.metrics import classification_metrics
+from train.core.metrics import classification_metrics
 
 PASS_TARGET, REFUSE_TARGET = 0.99, 0.97
 THRESHOLD_GRID = tuple(round(float(v), 3) for v in

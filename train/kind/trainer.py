@@ -6,14 +6,14 @@ DATA is the kinds layout: ``<kind>/<file>`` with ``manifest.csv`` (file, kind, s
 license, ...), e.g. ``../shared/data/kinds``. Added to it: ``--phantoms`` phantoms of every task
 (``train.synthetic``, written once into ``--phantom-dir``) labelled with the kind their task
 takes, so the demo inputs pass their gate, and ``--plain`` generated non-pictures (flat, noise,
-stripes) labelled ``other``. Folds are grouped by source family (``train/kind_data.py``), so
+stripes) labelled ``other``. Folds are grouped by source family (``train/kind/data.py``), so
 every out-of-fold figure is on sources the fold's model never saw. The network and the
 preprocessing are ``tasks.kind`` (letterbox with an inside channel, colour kept), the code the
-daemon gates with; augmentations are in ``train/kind_data.py``.
+daemon gates with; augmentations are in ``train/kind/data.py``.
 
 Each fold keeps its last epoch (nothing is chosen on its validation fold). The gate threshold
 (``gate.refuse_at``: refuse when P(not the task's kind) reaches it) is chosen by the rule in
-``train/kind_metrics.py``; the reported pass and refusal rates judge each fold at the threshold
+``train/kind/metrics.py``; the reported pass and refusal rates judge each fold at the threshold
 chosen on the other folds only. The card lists every source with its licence: the real images
 are research / non-commercial / unstated, so the card is for internal research use.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -42,12 +41,13 @@ from typing import Any
 import torch
 
 from tasks import kind
-from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, run_trainer
-from train.kind_data import (KindImages, KindItem, phantom_items, read_kinds, shrunk_image, write_phantoms,
+from train.core.cache import PreprocessCache
+from train.core.loop import TrainTask, add_training_arguments, run_trainer
+from train.kind.data import (KindImages, KindItem, phantom_items, read_kinds, shrunk_image, write_phantoms,
                              write_plain_images)
-from train.kind_metrics import choose_thresholds, gate_rates, kind_metrics
-from train.metrics import classification_plots, classification_records
+from train.kind.metrics import choose_thresholds, gate_rates, kind_metrics
+from train.core.metrics import classification_plots, classification_records
+from train.core.reporting import command_parser
 
 USE = ("internal research use only: the real training images come from public research repositories "
        "whose terms are research-only, non-commercial or unstated (see data.sources); not for clinical "
@@ -56,14 +56,14 @@ DICOM_SUPPORTED_REFUSE_AT = 0.99  # fixed a priori: a header naming the kind nee
 AUGMENTATION = ("per image: radiographs tile-shuffled into 'other' p 0.08, photos on a coloured ground p 0.3, colour "
                 "'other' to gray p 0.3, black bars p 0.15; flips, any quarter turn (hand/photo/other), rotation "
                 "+-15 deg, crop 80-100 % per side; brightness/contrast/gamma, photo colour jitter, faint tint of gray "
-                "films, blur, noise, JPEG; burned-in text and boxes (train.kind_data.augmented)")
+                "films, blur, noise, JPEG; burned-in text and boxes (train.kind.data.augmented)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.kind", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train the image-kind gate (panoramic / chest / hand / photo / other) with k-fold grouped by "
-                    "source family and write fold weights plus card.json.")
+    parser = command_parser(
+        "python -m train.kind",
+        "Train the image-kind gate (panoramic / chest / hand / photo / other) with k-fold grouped by "
+        "source family and write fold weights plus card.json.")
     parser.add_argument("data", type=Path, help="kinds folder: <kind>/<file> and manifest.csv")
     parser.add_argument("--phantoms", type=int, default=40, help="phantoms per task from train.synthetic (0: none)")
     parser.add_argument("--plain", type=int, default=40, help="generated flat/noise/stripe images of kind other (0: none)")
@@ -112,7 +112,7 @@ def card_gate(records: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[st
         "refuse_at": refuse_at,
         "refuse_at_with_dicom_support": {k: max(v, DICOM_SUPPORTED_REFUSE_AT) for k, v in refuse_at.items()},
         "rule": "refuse a request to a task of kind k when 1 - P(k) >= refuse_at[k] (P: mean over folds)",
-        "chosen_by": "train.kind_metrics.choose_thresholds on all out-of-fold real records; the reported figures "
+        "chosen_by": "train.kind.metrics.choose_thresholds on all out-of-fold real records; the reported figures "
                      "(metrics.pooled.gate) judge each fold at the values the same rule picked on the other folds",
         "task_kinds": dict(kind.TASK_KINDS),
         "out_of_fold_at_refuse_at": gate_rates(real, refuse_at),
@@ -149,7 +149,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
         items=names,
         strata=[kind.KINDS.index(label) for label in labels],
         groups=[item.family for item in items],
-        dataset=lambda indices, train: KindImages(lambda i: cache.get(items[i].path), labels, indices, input_spec, train),
+        dataset=lambda indices, train, fit_rows: KindImages(lambda i: cache.get(items[i].path), labels, indices, input_spec, train),
         build_model=lambda: kind.build_network(architecture),
         loss=loss,
         records=records,
@@ -189,6 +189,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_trainer(lambda: build_task(args), args, module="train.kind")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,15 +51,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from tasks import osteo
 from tasks.imaging import is_image_file
-from train.cache import PreprocessCache
-from train.common import TrainTask, add_training_arguments, augmentation_generator, run_trainer
-from train.metrics import classification_plots, classification_records, records_metrics
-from train.quality import DEFAULT_MARGIN, describe, osteo_record
-from train.reporting import data_source
+from train.core.cache import PreprocessCache
+from train.core.loop import TrainTask, add_training_arguments, run_trainer
+from train.core.samples import FoldSamples
+from train.core.metrics import classification_plots, classification_records, records_metrics
+from train.core.quality import DEFAULT_MARGIN, describe, osteo_record
+from train.core.reporting import command_parser, data_source
 
 ROTATION_RANGE = (10.0, 30.0)
 
@@ -97,24 +96,19 @@ def augmented(gray: np.ndarray, generator: torch.Generator) -> np.ndarray:
     return gray
 
 
-class OsteoImages(Dataset):
+class OsteoImages(FoldSamples):
     """Preprocessed osteo images (cached rolling ball at model size) -> (input tensor, class, item index)."""
 
     def __init__(self, paths: list[Path], targets: list[int], indices: list[int], cache: PreprocessCache,
                  input_spec: dict[str, Any], train: bool, seed: int | None = None):
-        self.paths, self.targets, self.indices = paths, targets, list(indices)
-        self.cache, self.input_spec, self.train = cache, input_spec, train
-        self.generator = augmentation_generator(seed)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        super().__init__(indices, train, seed)
+        self.paths, self.targets, self.cache, self.input_spec = paths, targets, cache, input_spec
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         gray = self.cache.get(self.paths[index])
         if self.train:
-            # torch's RNG: DataLoader workers reseed it per worker and epoch, numpy's would repeat.
-            gray = augmented(gray, self.generator if torch.utils.data.get_worker_info() is None else None)
+            gray = augmented(gray, self.rng())
         return osteo.to_tensor(gray, self.input_spec), self.targets[index], index
 
 
@@ -130,11 +124,10 @@ def preprocessed_gray(path: Path, input_spec: dict[str, Any]) -> np.ndarray:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.osteo",
-        description="Train the osteoporosis EfficientNet (C1 vs C3, or C1 vs C2C3) with k-fold cross-validation "
-                    "and write fold weights plus card.json. Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.osteo ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser(
+        "python -m train.osteo",
+        "Train the osteoporosis EfficientNet (C1 vs C3, or C1 vs C2C3) with k-fold cross-validation "
+        "and write fold weights plus card.json. Multi-GPU/CPU: torchrun --nproc_per_node=N -m train.osteo ...")
     parser.add_argument("data", type=Path, help="folder with class folders C1/ and C3/ (or C1/ and C2C3/)")
     parser.add_argument("--arch", default="efficientnet-b0",
                         help="efficientnet-pytorch variant, efficientnet-b0 .. efficientnet-b7")
@@ -168,7 +161,7 @@ def build_task(args: argparse.Namespace) -> TrainTask:
         name=osteo.TASK,
         items=items,
         strata=targets,
-        dataset=lambda indices, train: OsteoImages(paths, targets, indices, cache, input_spec, train),
+        dataset=lambda indices, train, fit_rows: OsteoImages(paths, targets, indices, cache, input_spec, train),
         build_model=lambda: osteo.build_network(architecture),
         loss=torch.nn.CrossEntropyLoss(),
         records=functools.partial(classification_records, labels=labels),
@@ -198,6 +191,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_trainer(lambda: build_task(args), args, module="train.osteo")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from tasks import scar
 from tasks.cards import CARD_FILE, CardError, read_card, sha256_file, write_card
-from train.metrics import json_safe
+from train.core.metrics import json_safe
 
 STANDARDISATION = ("each clinical/combined fold entry's scaler: x' = (x - mean) / scale per feature, in the "
                    "order of 'names', fitted on that fold's training rows")

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from tasks import scar
 from tasks.imaging import ImageReadError, is_image_file, read_image
+from train.core.samples import FoldSamples
 
 TABLE_SUFFIXES = (".xlsx", ".xls", ".csv")
 ID_COLUMN, LABEL_COLUMN = "img_name", "Cls"
@@ -175,7 +175,7 @@ def augmented(photo: np.ndarray, generator: torch.Generator | None) -> np.ndarra
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-class ScarFold(Dataset):
+class ScarFold(FoldSamples):
     """One fold's items -> (input, severity, index); input is a photo tensor, a clinical row, or both
     as ``{"image", "clinical"}`` (LateFusion's arguments). The clinical rows are standardised by the
     caller with the scaler of the fold's training rows, whichever rows this dataset holds.
@@ -183,21 +183,16 @@ class ScarFold(Dataset):
 
     def __init__(self, indices: Sequence[int], targets: Sequence[int], *, photos: PhotoStore | None = None,
                  clinical: np.ndarray | None = None, augment: bool = False) -> None:
-        self.indices, self.targets = list(indices), list(targets)
-        self.photos, self.clinical, self.augment = photos, clinical, augment
-        # Drawn from the global RNG, which run_kfold seeds per fold: reproducible, different per fold.
-        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,))))
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        super().__init__(indices, augment)
+        self.targets, self.photos, self.clinical = list(targets), photos, clinical
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         inputs = {}
         if self.photos is not None:
             photo = self.photos.get(index)
-            if self.augment:
-                photo = augmented(photo, self.generator if torch.utils.data.get_worker_info() is None else None)
+            if self.train:
+                photo = augmented(photo, self.rng())
             inputs["image"] = scar.photo_tensor(photo, self.photos.input_spec)
         if self.clinical is not None:
             inputs["clinical"] = torch.from_numpy(self.clinical[index])

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tasks import scar
-from train.metrics import _pyplot, classification_plots, records_metrics, roc_auc
+from train.core.metrics import _pyplot, classification_plots, records_metrics, roc_auc
 
 
 def _probabilities(records: Sequence[dict[str, Any]]) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The seed saved ``{"epoch", "state_dict" (``module.``-prefixed), "best_prec1", "optimizer"}``;
 it is loaded with ``weights_only=True`` (no arbitrary unpickling), renamed by
-``tasks.scar_import``, checked by loading strictly into the network the card will describe, and
+``train.scar.seed_format``, checked by loading strictly into the network the card will describe, and
 stored as ``OUT/<model>_fold<k>.safetensors``. The seed never saved its clinical scaler or column
 order: ``--table`` (its training table) rebuilds both as the seed did (other columns in table
 order, then age, BMI, Delta_date standardised over the table); ``--features`` names the columns
@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import scar, scar_import
+from tasks import scar
+from train.scar import seed_format
 from tasks.cards import sha256_file
 from tasks.weights import save_state_dict
-from train.scar_card import merge_model, weight_name
+from train.scar.card import merge_model, weight_name
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +40,12 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 def seed_clinical_inputs(table: Path | None, features: str | None, n_features: int) -> tuple[list[str], dict]:
     """(feature names in model order, scaler) for an imported clinical or combined model."""
     if table is not None:
-        from train.scar_data import _read_frame
+        from train.scar.data import _read_frame
 
         frame = _read_frame(table)
-        names = scar_import.seed_feature_order([str(c).strip() for c in frame.columns])
+        names = seed_format.seed_feature_order([str(c).strip() for c in frame.columns])
         frame.columns = [str(c).strip() for c in frame.columns]
-        scaler = scar_import.seed_scaler(frame[names].to_numpy(dtype=np.float64), names)
+        scaler = seed_format.seed_scaler(frame[names].to_numpy(dtype=np.float64), names)
     elif features:
         names = [name.strip() for name in features.split(",") if name.strip()]
         scaler = {"mean": [0.0] * len(names), "scale": [1.0] * len(names)}
@@ -62,9 +63,9 @@ def import_seed_checkpoint(path: Path, out: Path, *, fold: int = 0, table: Path 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ... for files that are not checkpoints
         raise ValueError(f"{path} is not a PyTorch checkpoint that loads with weights_only=True: {exc}") from exc
-    state = scar_import.seed_state_dict(checkpoint)
-    model = scar_import.model_kind(state)
-    architecture = scar_import.architecture_of(state, model)
+    state = seed_format.seed_state_dict(checkpoint)
+    model = seed_format.model_kind(state)
+    architecture = seed_format.architecture_of(state, model)
     try:
         scar.build_network(model, architecture).load_state_dict(state, strict=True)
     except RuntimeError as exc:

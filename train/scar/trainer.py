@@ -58,14 +58,14 @@ import torch
 
 from tasks import scar
 from tasks.weights import load_state_dict
-from train import scar_card
-from train.common import TrainTask, add_training_arguments, run_kfold
-from train.distributed import setup_distributed, shutdown_distributed
-from train.metrics import classification_records
-from train.reporting import data_source
-from train.scar_data import PhotoStore, ScarData, ScarFold, fold_scaler, load_data
-from train.scar_results import scar_metrics, scar_plots
-from train.quality import describe, scar_record
+from train.scar import card as scar_card
+from train.core.loop import TrainTask, add_training_arguments, run_kfold
+from train.core.distributed import setup_distributed, shutdown_distributed
+from train.core.metrics import classification_records
+from train.core.reporting import data_source
+from train.scar.data import PhotoStore, ScarData, ScarFold, fold_scaler, load_data
+from train.scar.results import scar_metrics, scar_plots
+from train.core.quality import describe, scar_record
 
 DEFAULTS = {"image": {"epochs": 100}, "clinical": {"epochs": 50}, "combined": {"epochs": 100}}
 
@@ -130,7 +130,6 @@ def build_task(args: argparse.Namespace, data: ScarData) -> TrainTask:
     counts = np.bincount(data.targets, minlength=len(scar.LABELS))
     task = TrainTask(
         name=scar.TASK, items=data.items, strata=data.targets, groups=data.groups, dataset=dataset,
-        dataset_fit_rows=True,
         build_model=build_model, loss=torch.nn.CrossEntropyLoss(),
         records=functools.partial(classification_records, labels=scar.LABELS), metrics=scar_metrics,
         score_key=args.select, report=scar_plots,
@@ -205,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="start each fold from OUT's image and clinical weights of the same fold")
         add_training_arguments(p, epochs=DEFAULTS[mode]["epochs"], batch_size=16, lr=0.01, folds=5)
     imp = sub.add_parser("import", help="import a seed checkpoint into OUT/card.json")
-    from train.scar_import import add_import_arguments
+    from train.scar.seed_import import add_import_arguments
     add_import_arguments(imp)
     args = parser.parse_args(argv)
     if args.mode == "clinical":
@@ -218,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mode == "import":
-        from train.scar_import import run_import
+        from train.scar.seed_import import run_import
         return run_import(args)
     data = load_data(args.data, args.mode, args.images, args.patient_column, args.drop_incomplete)
     context = setup_distributed()
@@ -250,6 +249,3 @@ def main(argv: list[str] | None = None) -> int:
     shutdown_distributed(context)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
