@@ -49,20 +49,49 @@ def _grad_cam_fold(network: torch.nn.Module, target_layer_of: Callable[[torch.nn
                    batch: torch.Tensor, targets: list) -> tuple[np.ndarray, torch.Tensor]:
     """One network's Grad-CAM maps of ``targets`` (pytorch-grad-cam targets, one per image) and
     the logits of the forward pass that made them."""
-    from pytorch_grad_cam import GradCAM
+    held = HeldGradCam(network, target_layer_of)
+    try:
+        return held.first(batch, targets)
+    finally:
+        held.release()
 
-    with torch.enable_grad():
+
+class HeldGradCam:
+    """One network's pytorch-grad-cam ``GradCAM`` whose forward pass is kept until ``release``: the maps
+    of other targets (``again``) then cost a backward pass through the layers after the target layer,
+    not a forward pass through the whole network. ``first`` + ``again`` give the maps a new ``GradCAM``
+    call per target gives (``BaseCAM.forward`` is a forward pass, then exactly these steps)."""
+
+    def __init__(self, network: torch.nn.Module, target_layer_of: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        from pytorch_grad_cam import GradCAM
+
         # Under float16 autocast the hooked activations and gradients are float16: cast them
         # (pytorch-grad-cam's reshape_transform sees both) so the map is built in float32.
         # Not ``with GradCAM(...)``: its __exit__ prints and swallows an IndexError, which would
-        # silently leave this fold's map out of the mean. Release the hooks ourselves instead.
-        cam = GradCAM(model=network, target_layers=[target_layer_of(network)], reshape_transform=_as_float32)
-        try:
-            maps = cam(input_tensor=batch, targets=targets)
-            return maps, cam.outputs.detach()
-        finally:
-            cam.activations_and_grads.release()
-            cam.outputs = None  # frees the retained graph
+        # silently leave this fold's map out of the mean. ``release`` frees the hooks instead.
+        self.cam = GradCAM(model=network, target_layers=[target_layer_of(network)], reshape_transform=_as_float32)
+        self.batch: torch.Tensor | None = None
+
+    def first(self, batch: torch.Tensor, targets: list) -> tuple[np.ndarray, torch.Tensor]:
+        """The maps of ``targets`` (one per image) and the logits of the forward pass that made them."""
+        with torch.enable_grad():
+            maps = self.cam(input_tensor=batch, targets=targets)
+        self.batch = batch
+        return maps, self.cam.outputs.detach()
+
+    def again(self, targets: list) -> np.ndarray:
+        """The maps of other ``targets`` (one per image of the same batch) from the kept forward pass."""
+        cam, grads = self.cam, self.cam.activations_and_grads
+        with torch.enable_grad():
+            grads.gradients = []
+            cam.model.zero_grad()
+            loss = sum(target(output) for target, output in zip(targets, cam.outputs))
+            loss.backward(retain_graph=True)
+            return cam.aggregate_multi_layers(cam.compute_cam_per_layer(self.batch, targets, False))
+
+    def release(self) -> None:
+        self.cam.activations_and_grads.release()
+        self.cam.outputs = None  # frees the retained graph
 
 
 def _as_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -139,9 +168,24 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
 
     Each network's map is taken for the class the networks so far predict; where the whole
     ensemble ends up predicting another class (folds that disagree), that network's map is made
-    again for it. Same probabilities and maps as ``grad_cam`` / ``input_saliency`` after a
-    separate forward pass, at the cost of a forward pass less per network.
+    again for it: for Grad-CAM by a backward pass from the kept forward pass (``HeldGradCam.again``),
+    for the saliency, whose backward runs to the input anyway, by a pass again. Same probabilities and
+    maps as ``grad_cam`` / ``input_saliency`` after a separate forward pass, at the cost of a forward
+    pass less per network.
     """
+    held: list[HeldGradCam] = []
+    try:
+        return _explained(networks, batch, method, target_layer_of, held)
+    finally:
+        for cam in held:
+            cam.release()
+
+
+def _explained(networks: Sequence[torch.nn.Module], batch: torch.Tensor, method: str,
+               target_layer_of: Callable[[torch.nn.Module], torch.nn.Module], held: list["HeldGradCam"]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``explained_prediction``'s work; Grad-CAM keeps each fold's forward pass in ``held`` (released by
+    the caller) so that a fold outvoted by the ensemble has its map made again by a backward pass only."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     running: torch.Tensor | None = None
@@ -149,7 +193,8 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
     for network in networks:
         if method == "gradcam":
             targets = [_EnsembleSoFar(None if running is None else running[i]) for i in range(batch.shape[0])]
-            fold_maps, out = _grad_cam_fold(network, target_layer_of, batch, targets)
+            held.append(HeldGradCam(network, target_layer_of))
+            fold_maps, out = held[-1].first(batch, targets)
             classes = np.array([target.chosen for target in targets])
         else:
             def pick(out: torch.Tensor) -> torch.Tensor:
@@ -165,17 +210,16 @@ def explained_prediction(networks: Sequence[torch.nn.Module], batch: torch.Tenso
     stacked = torch.stack([torch.softmax(out.float(), dim=1) for out in logits])
     mean, per_network = stacked.mean(0).cpu().numpy(), stacked.cpu().numpy()
     predicted = mean.argmax(axis=1)
-    for network, fold_maps, classes in zip(networks, maps, chosen):
+    for k, (network, fold_maps, classes) in enumerate(zip(networks, maps, chosen)):
         redo = np.flatnonzero(classes != predicted)
         if not redo.size:
             continue
-        subset = batch[torch.as_tensor(redo, device=batch.device)]
-        if method == "gradcam":
-            targets = [ClassifierOutputTarget(int(c)) for c in predicted[redo]]
-            fold_maps[redo] = _grad_cam_fold(network, target_layer_of, subset, targets)[0]
-        else:
-            index = torch.as_tensor(predicted[redo], device=batch.device)
-            fold_maps[redo] = _saliency_fold(network, subset, lambda _logits: index)[0]
+        if method == "gradcam":   # the whole batch's targets, the ensemble's classes; only the outvoted rows are kept
+            fold_maps[redo] = held[k].again([ClassifierOutputTarget(int(c)) for c in predicted])[redo]
+            continue
+        subset = batch[torch.as_tensor(redo, device=batch.device)]   # saliency: a pass again, to the input
+        index = torch.as_tensor(predicted[redo], device=batch.device)
+        fold_maps[redo] = _saliency_fold(network, subset, lambda _logits: index)[0]
     if method == "gradcam":
         total = np.zeros(maps[0].shape, dtype=np.float32)
         for fold_maps in maps:
