@@ -11,6 +11,7 @@ that, then ``tasks.kind`` letterboxes and normalises exactly as the daemon does.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class KindItem:
     source: str
     licence: str
     real: bool
+    extra: bool = False  # from an --extra folder, not the manifest
 
 
 def family_of(repository: str) -> str:
@@ -75,6 +77,89 @@ def read_kinds(root: str | Path) -> list[KindItem]:
     if not items:
         raise SystemExit(f"{path} lists no images")
     return items
+
+
+@dataclass(frozen=True)
+class ExtraFolder:
+    """An ``--extra KIND=PATH[:FAMILY[:LICENCE]]`` folder: images of one kind from one source family."""
+    kind: str
+    pattern: str
+    family: str
+    licence: str
+
+
+def parse_extra(spec: str) -> ExtraFolder:
+    """``KIND=PATH[:FAMILY[:LICENCE]]`` -> ExtraFolder. PATH may hold glob patterns (``Train/*/images``); FAMILY
+    defaults to the last plain folder name of PATH; LICENCE (may hold colons) to ``unstated``."""
+    label, sep, rest = spec.partition("=")
+    if not sep or label not in kind.KINDS or not rest:
+        raise SystemExit(f"--extra {spec!r}: expected KIND=PATH[:FAMILY[:LICENCE]] with KIND one of {kind.KINDS}")
+    pattern, _, tail = rest.partition(":")
+    family, _, licence = tail.partition(":")
+    if not family:
+        plain = [part for part in Path(pattern).parts if not glob.has_magic(part)]
+        family = plain[-1] if plain else pattern
+    return ExtraFolder(label, pattern, family.strip(), licence.strip() or "unstated")
+
+
+def _thumbnail(path: Path) -> np.ndarray:
+    """A 24x24 gray thumbnail of the image's centre square, zero mean, unit norm: near-duplicates (the same
+    film resized, recompressed or re-windowed by another collection) correlate above ``DUPLICATE_AT``."""
+    pixels = decode_image(path).pixels
+    gray = cv2.cvtColor(pixels[:, :, :3], cv2.COLOR_RGB2GRAY) if pixels.ndim == 3 else pixels
+    height, width = gray.shape
+    side = min(height, width)
+    square = gray[(height - side) // 2:(height - side) // 2 + side, (width - side) // 2:(width - side) // 2 + side]
+    small = cv2.resize(np.ascontiguousarray(square), (24, 24), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    small -= small.mean()
+    return small / (np.linalg.norm(small) + 1e-6)
+
+
+DUPLICATE_AT = 0.95  # two distinct JSRT films rarely reach it; the same film in two collections is above 0.98
+
+
+def extra_items(folders: list[ExtraFolder], taken: list[KindItem], limit: int, seed: int) -> tuple[list[KindItem],
+                                                                                                   list[dict[str, Any]]]:
+    """At most ``limit`` images of each extra folder, drawn at random (``seed``), skipping any that nearly
+    duplicates an image already taken (the manifest's, earlier draws'): a film two collections share
+    must not sit in two folds. Returns the items and, per folder, what was found, skipped and taken."""
+    rng = np.random.default_rng(seed)
+    thumbs = [_thumbnail(item.path) for item in taken if item.real]
+    bank = np.stack(thumbs) if thumbs else np.zeros((0, 576), np.float32)
+    items, report = [], []
+    for folder in folders:
+        folders_found = [Path(p) for p in glob.glob(folder.pattern, recursive=True) if Path(p).is_dir()]
+        paths = sorted({f for d in folders_found for f in d.rglob("*") if f.is_file() and is_image_file(f)})
+        if not paths:
+            raise SystemExit(f"--extra {folder.kind}={folder.pattern}: no image files found")
+        chosen, duplicates = [], 0
+        for position in rng.permutation(len(paths)):
+            if len(chosen) >= limit:
+                break
+            path = paths[int(position)]
+            thumb = _thumbnail(path)
+            if len(bank) and float((bank @ thumb).max()) >= DUPLICATE_AT:
+                duplicates += 1
+                continue
+            bank = np.concatenate([bank, thumb[None]])
+            chosen.append(path)
+        for path in sorted(chosen):
+            name = f"extra/{folder.family}/{folder.kind}/{_relative(path, folder.pattern)}"
+            items.append(KindItem(name, path, folder.kind, folder.family, folder.pattern, folder.licence, True, True))
+        report.append({"kind": folder.kind, "path": folder.pattern, "family": folder.family,
+                       "licence": folder.licence, "found": len(paths), "near_duplicates_skipped": duplicates,
+                       "taken": len(chosen), "limit": limit})
+    return items, report
+
+
+def _relative(path: Path, pattern: str) -> str:
+    """``path`` relative to the part of ``pattern`` before its first glob (its own name when outside it)."""
+    parts = Path(pattern).parts
+    head = Path(*parts[:next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))] or ["."])
+    try:
+        return path.relative_to(head).as_posix()
+    except ValueError:
+        return path.name
 
 
 def write_phantoms(folder: Path, n: int, seed: int) -> dict[str, Path]:
@@ -226,6 +311,28 @@ def _on_ground(image: np.ndarray, rand: Callable[[], float]) -> np.ndarray:
     return ground
 
 
+def _in_scene(image: np.ndarray, scene: np.ndarray, rand: Callable[[], float]) -> np.ndarray:
+    """A photo laid into another picture of the training fold's ``other`` images (a room, a street, a
+    desk) through a soft oval or as a rectangle: a foot or leg photographed with the room around it
+    is still a skin photo, and the skin, not the whole frame, has to say so."""
+    scene = np.array(scene if scene.ndim == 3 else np.repeat(scene[:, :, None], 3, axis=2), dtype=np.float32)
+    height, width = scene.shape[:2]
+    h = max(8, min(height, int(height * (0.35 + 0.5 * rand()))))
+    w = max(8, min(width, int(width * (0.3 + 0.6 * rand()))))
+    photo = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    small = cv2.resize(np.ascontiguousarray(photo), (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    if rand() < 0.7:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        alpha = ((((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2) < 1).astype(np.float32)
+        alpha = cv2.GaussianBlur(alpha, (0, 0), max(1.0, 0.06 * min(h, w)))[:, :, None]
+    else:
+        alpha = np.ones((h, w, 1), np.float32)
+    top, left = int((height - h) * rand()), int((width - w) * rand())
+    window = scene[top:top + h, left:left + w]
+    scene[top:top + h, left:left + w] = alpha * small + (1 - alpha) * window
+    return np.clip(scene, 0, 255).astype(np.uint8)
+
+
 def _black_bars(image: np.ndarray, rand: Callable[[], float]) -> np.ndarray:
     """Black bars on two opposite sides, as files that were letterboxed before they reached us."""
     height, width = image.shape[:2]
@@ -238,14 +345,16 @@ def _black_bars(image: np.ndarray, rand: Callable[[], float]) -> np.ndarray:
     return np.pad(image, widths + (((0, 0),) if image.ndim == 3 else ()))
 
 
-def augmented(image: np.ndarray, label: str, generator: torch.Generator | None) -> tuple[np.ndarray, str]:
+def augmented(image: np.ndarray, label: str, generator: torch.Generator | None, scene: np.ndarray | None = None,
+              scene_p: float = 0.0) -> tuple[np.ndarray, str]:
     """One random training view of a shrunk image and its kind: the kind must survive every step,
     except the one that is meant to destroy it.
 
     Radiographs of a served kind become ``other`` with p 0.08 by a tile shuffle (``_jigsaw``): the
     model must know a hand by its fingers, not by bright bone on a dark ground. Photos are put on
-    a coloured ground with p 0.3 (``_on_ground``); colour ``other`` images turn gray with p 0.3 (gray
-    is not enough to be a radiograph); any image gets black bars with p 0.15.
+    a coloured ground with p 0.3 (``_on_ground``), else, when a ``scene`` (an ``other`` image of the
+    fold) is given, laid into it with p ``scene_p`` (``_in_scene``); colour ``other`` images turn gray
+    with p 0.3 (gray is not enough to be a radiograph); any image gets black bars with p 0.15.
 
     Geometry: flips; rotation +-15 degrees (p 0.5); hands, photos and others also any quarter
     turn (films and photos of them are taken in every orientation); a crop keeping 80-100 % of
@@ -259,6 +368,8 @@ def augmented(image: np.ndarray, label: str, generator: torch.Generator | None) 
         image, label = _jigsaw(image, rand), "other"
     elif label == "photo" and rand() < 0.3:
         image = _on_ground(image, rand)
+    elif label == "photo" and scene is not None and rand() < scene_p:
+        image = _in_scene(image, scene, rand)
     elif label == "other" and image.ndim == 3 and rand() < 0.3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)  # a gray scene or scan is still no radiograph we serve
     if rand() < 0.15:
@@ -311,14 +422,23 @@ class KindImages(FoldSamples):
     """Items -> (kind network input (4, S, S), kind index, item index)."""
 
     def __init__(self, pixels: Callable[[int], np.ndarray], labels: list[str], indices: list[int],
-                 input_spec: Mapping[str, Any], train: bool, seed: int | None = None):
+                 input_spec: Mapping[str, Any], train: bool, seed: int | None = None, scene_p: float = 0.0,
+                 scenes: list[int] | None = None):
         super().__init__(indices, train, seed)
         self.pixels, self.labels, self.input_spec = pixels, labels, input_spec
+        # Photos are laid into the fold's own colour "other" pictures (``scenes``: the indices that may serve).
+        allowed = set(self.indices) if scenes is None else set(scenes) & set(self.indices)
+        self.scene_p, self.scenes = scene_p, sorted(i for i in allowed if labels[i] == "other")
 
     def __getitem__(self, position: int):
         index = self.indices[position]
         image, label = self.pixels(index), self.labels[index]
         if self.train:
-            image, label = augmented(image, label, self.rng())
+            generator = self.rng()
+            scene = None
+            if label == "photo" and self.scene_p > 0 and self.scenes:
+                scene = self.pixels(self.scenes[int(torch.randint(len(self.scenes), (1,), generator=generator))])
+                scene = scene if scene.ndim == 3 else None  # a gray slice or film is no room to photograph in
+            image, label = augmented(image, label, generator, scene, self.scene_p)
         frame, inside = kind.letterboxed(image, self.input_spec)
         return kind.to_tensor(frame, inside, self.input_spec), kind.KINDS.index(label), index

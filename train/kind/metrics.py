@@ -118,4 +118,7 @@ def kind_metrics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         metrics["synthetic"] = {"n": len(synthetic), "accuracy": _mean([r["predicted"] == r["target"] for r in synthetic])}
     if real and all("fold" in record for record in real):
         metrics["gate"] = cross_fold_gate(real)
+        listed = [record for record in real if not record.get("extra", False)]
+        if 0 < len(listed) < len(real):  # the manifest's images alone, comparable with a run without --extra
+            metrics["gate_manifest_only"] = cross_fold_gate(listed)
     return metrics
