@@ -76,7 +76,7 @@ def read_films(models: ChainModels, inputs: torch.Tensor, frames: Sequence[np.nd
     wanted = [k for k, reading in enumerate(readings) if reading.refusal is None or sample_refused]
     for method in dict.fromkeys(alignments[k] for k in wanted):
         rows = [k for k in wanted if alignments[k] == method]
-        for k, (theta, used) in zip(rows, brixia.align_batch([readings[k].masks for k in rows], models.stn or None,
+        for k, (theta, used) in zip(rows, brixia.align_batch([readings[k].masks for k in rows], models.stn,
                                                              device, method, models.limits)):
             reading = readings[k]
             opacity = brixia.opacity_map(reading.probabilities) if models.opacity else None

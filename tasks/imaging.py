@@ -106,6 +106,14 @@ def read_image(path: str | os.PathLike, *, color: str = "gray",
     return decode_image(path, max_pixels=max_pixels).as_color(color)
 
 
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its format suffix: ``a.png`` -> ``a``, while a UID-named export such as
+    ``1.2.840.113619.2.55.3`` keeps its whole name (its last number is no extension)."""
+    name = os.path.basename(os.fspath(path))
+    root, suffix = os.path.splitext(name)
+    return root if suffix.lower() in IMAGE_SUFFIXES else name
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether a folder walk should take ``path`` as an image: a regular file named as one, or whose
     first bytes open as a DICOM image or a format Pillow knows (a PACS export's DICOMs often have no

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from tasks import brixia
-from tasks.imaging import ImageReadError, is_image_file, read_image
+from tasks.imaging import ImageReadError, image_stem, is_image_file, read_image
 
 JSRT_VALUES = (150, 200, 250)          # right lung, left lung, heart in the SCR-style label maps
 READERS = ("senior", "junior", "mean")
@@ -66,15 +66,10 @@ class SegCase:
     values: tuple[int, ...] = ()
 
 
-# Suffixes that name a format; anything else after a dot is part of the name (UID-named DICOM exports
-# such as ``1.2.840.113619.2.55.3`` have no extension, and their last number is not one).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
-
-
 def name_stem(path: Path) -> str:
-    """A file's name without its format suffix (``a.png`` -> ``a``; ``1.2.840.3`` stays whole), and
-    without a ``_mask`` suffix, so masks and images pair up."""
-    stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    """``tasks.imaging.image_stem`` (UID-named files keep their whole name) without a ``_mask`` suffix,
+    so masks and images pair up."""
+    stem = image_stem(path)
     return stem[:-5] if stem.lower().endswith("_mask") else stem
 
 
