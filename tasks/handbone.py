@@ -15,6 +15,8 @@ same way when it learns, when it is validated and when it serves:
 """
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any, Iterable, Sequence
 
 import cv2
@@ -168,6 +170,19 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
 def rle_rows(image_name: str, masks: np.ndarray, classes: Sequence[str] = CLASSES) -> list[tuple[str, str, str]]:
     """The seed's CSV rows ``(image_name, class, rle)`` of one image: one per class, in class order."""
     return [(image_name, name, rle_encode(mask)) for name, mask in zip(classes, masks)]
+
+
+SEED_CSV_HEADER = ("image_name", "class", "rle")
+
+
+def seed_csv(rows: Iterable[tuple[str, str, str]]) -> str:
+    """The seed's submission CSV text: header ``image_name,class,rle`` then ``rows`` (``rle_rows``); names
+    with commas or quotes are quoted by the csv module, never split."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SEED_CSV_HEADER)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[list[int]]]:

@@ -13,7 +13,6 @@ training JSON's ``{"annotations": [{"label", "points", ...}]}``), ``areas_px`` (
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 from dataclasses import dataclass
@@ -163,8 +162,4 @@ def masks_npz(masks: np.ndarray, classes: list[str]) -> bytes:
 
 def rle_csv(image_name: str, masks: np.ndarray, classes: list[str]) -> bytes:
     """The seed's submission CSV of one image: header ``image_name,class,rle``, one row per class."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_name", "class", "rle"])
-    writer.writerows(handbone.rle_rows(image_name, masks, classes))
-    return buffer.getvalue().encode("utf-8")
+    return handbone.seed_csv(handbone.rle_rows(image_name, masks, classes)).encode("utf-8")

@@ -5,7 +5,8 @@
 Images are found under ``TEST_DIR/DCM`` when it exists (the seed's test layout), else anywhere
 under TEST_DIR. Each card preprocesses with its own input record; the sigmoid probabilities of
 all fold networks of all cards are averaged (each network counts once; a horizontal flip is
-averaged in with ``--tta``), mapped back to the image's own size and thresholded (0.5). The
+averaged in with ``--tta``), mapped back to the image's own size and thresholded at the cards'
+``output.threshold`` (as the daemon serves them; ``--threshold`` overrides it). The
 CSV has the header ``image_name,class,rle`` and 29 rows per image in class order; RLE is
 1-based start/length pairs over the row-major mask at the image's size (2048x2048 for the
 seed's data). Names with ``_`` or commas are quoted by the csv module, never split.
@@ -13,8 +14,6 @@ seed's data). Names with ``_`` or commas are quoted by the csv module, never spl
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -97,13 +96,9 @@ def card_threshold(loaded: list[Bundle]) -> float:
 
 
 def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_name", "class", "rle"])
-    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    tmp.write_text(handbone.seed_csv(rows), encoding="utf-8")
     tmp.replace(path)
 
 
