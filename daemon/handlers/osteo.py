@@ -17,7 +17,7 @@ from daemon import dicom_content as dicom
 from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, timestamp, write_png
+from daemon.outputs import output_stem, timestamp, write_pngs
 from tasks import osteo, quality, rolling_ball_numba, uncertainty
 
 
@@ -48,6 +48,7 @@ class OsteoHandler(TaskHandler):
 
     @classmethod
     def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        osteo.ready_for_inference(network)
         explain.freeze_for_cam(network, osteo.explain_target_layer(network))
 
     def dummy_inputs(self) -> list[Prepared]:
@@ -74,7 +75,7 @@ class OsteoHandler(TaskHandler):
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         # One forward pass per fold serves both the probabilities and the map (explain.explained_prediction).
         inputs = torch.stack([osteo.to_tensor(item.shown, self.card["input"]) for item in batch])
-        inputs = inputs.to(self.settings.device)
+        inputs = inputs.to(self.settings.device, memory_format=torch.channels_last)
         results: list[Inferred | None] = [None] * len(batch)
         for method in dict.fromkeys(item.method for item in batch):
             rows = [i for i, item in enumerate(batch) if item.method == method]
@@ -91,11 +92,11 @@ class OsteoHandler(TaskHandler):
         folder = job.options["folder"]
         stem = output_stem(job.options["img_path"])
         stamp = timestamp()
-        heat_path = write_png(folder, f"{stem}_saliency_{stamp}", rendering.heat_rgba(inferred.heat))
         # The seed's additive red overlay suits its sparse saliency; Grad-CAM is blended instead.
         overlay = (rendering.seed_overlay(prepared.shown, inferred.heat) if prepared.method == "saliency"
                    else rendering.heat_overlay(prepared.shown, inferred.heat))
-        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
+        heat_path, overlay_path = write_pngs(folder, {f"{stem}_saliency_{stamp}": rendering.heat_rgba(inferred.heat),
+                                                      f"{stem}_overlay_{stamp}": overlay}).values()
         job.artifacts.update(overlay=overlay, stamp=stamp)
         return {
             "diagnosis": osteo.diagnosis_for(labels, label),
