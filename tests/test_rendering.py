@@ -37,3 +37,20 @@ def test_label_overlay_tints_outlines_and_keeps_the_rest_of_the_image():
     np.testing.assert_array_equal(overlay[330, 35], np.rint(100 * 0.55 + first * 0.45).astype(np.uint8))
     assert (overlay[390, 300] == 100).all()                     # far from the mask and the legend
     assert (overlay[2, -5] < 100).all()                       # the legend's dark box, top right
+
+
+def test_write_pngs_encodes_side_by_side_and_never_overwrites(tmp_path):
+    from daemon import outputs
+
+    rng = np.random.default_rng(0)
+    images = {"a_heat": rng.integers(0, 256, (40, 60, 4), dtype=np.uint8),
+              "a_overlay": rng.integers(0, 256, (40, 60, 3), dtype=np.uint8),
+              "a_gray": rng.integers(0, 256, (40, 60), dtype=np.uint8)}
+    assert outputs.encode_pngs(list(images.values())) == [outputs.encode_png(i) for i in images.values()]
+    first = outputs.write_pngs(tmp_path, images)
+    second = outputs.write_pngs(tmp_path, images)
+    assert [p.name for p in first.values()] == ["a_heat.png", "a_overlay.png", "a_gray.png"]
+    assert [p.name for p in second.values()] == ["a_heat_1.png", "a_overlay_1.png", "a_gray_1.png"]
+    for stem, image in images.items():
+        with Image.open(first[stem]) as written:
+            np.testing.assert_array_equal(np.asarray(written), image)

@@ -30,7 +30,7 @@ from daemon import dicom_content as dicom
 from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, UNREADABLE_IMAGE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, timestamp, write_bytes, write_png
+from daemon.outputs import output_stem, timestamp, write_bytes, write_pngs
 from tasks import brixia, brixia_chain, brixia_orient, quality, uncertainty
 from tasks.bundle import Bundle
 from tasks.brixia_film import QUALITY_LABELS, quality_measures
@@ -195,14 +195,16 @@ class BrixiaHandler(TaskHandler):
         mask_path = write_bytes(folder, f"{stem}_mask_{stamp}", ".png", mask_png)
         regions = self.regions_at_input(inferred, geometry)
         overlay = region_overlay(prepared.gray, masks, regions, scores)
-        overlay_path = write_png(folder, f"{stem}_overlay_{stamp}", overlay)
-        job.artifacts.update(masks=masks, overlay=overlay, stamp=stamp)
-        cam_paths = None
+        pngs = {f"{stem}_overlay_{stamp}": overlay}
         if inferred.cams is not None:
             cams = probabilities_at_input(inferred.cams, geometry)
-            cam_paths = {region: str(write_png(folder, f"{stem}_cam{region}_{stamp}",
-                                               rendering.heat_overlay(prepared.gray, cams[r])))
-                         for r, region in enumerate(brixia.REGIONS)}
+            pngs.update({f"{stem}_cam{region}_{stamp}": rendering.heat_overlay(prepared.gray, cams[r])
+                         for r, region in enumerate(brixia.REGIONS)})
+        written = list(write_pngs(folder, pngs).values())
+        overlay_path = written[0]
+        cam_paths = None if inferred.cams is None else {region: str(path)
+                                                         for region, path in zip(brixia.REGIONS, written[1:])}
+        job.artifacts.update(masks=masks, overlay=overlay, stamp=stamp)
         return {
             "region_scores": region_scores,
             "global_score": int(scores.sum()),

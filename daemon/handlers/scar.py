@@ -23,7 +23,7 @@ from daemon import dicom_content as dicom
 from daemon import explain, rendering
 from daemon.errors import INVALID_REQUEST, MODEL_UNAVAILABLE, ServiceError
 from daemon.handlers.base import Job, TaskHandler
-from daemon.outputs import output_stem, timestamp, write_png
+from daemon.outputs import output_stem, timestamp, write_pngs
 from tasks import quality, scar, uncertainty
 from tasks.bundle import Bundle
 from tasks.cards import CardError
@@ -164,9 +164,10 @@ class ScarHandler(TaskHandler):
             height, width = prepared.photo.shape[:2]
             cam = cv2.resize(inferred.cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
             folder, stem, stamp = job.options["folder"], output_stem(job.options["img_path"]), timestamp()
-            fields["cam_img_path"] = str(write_png(folder, f"{stem}_cam_{stamp}", rendering.heat_rgba(cam)))
             overlay = rendering.photo_overlay(prepared.photo, cam, OVERLAY_ALPHA)
-            fields["overlay_img_path"] = str(write_png(folder, f"{stem}_overlay_{stamp}", overlay))
+            cam_path, overlay_path = write_pngs(folder, {f"{stem}_cam_{stamp}": rendering.heat_rgba(cam),
+                                                         f"{stem}_overlay_{stamp}": overlay}).values()
+            fields["cam_img_path"], fields["overlay_img_path"] = str(cam_path), str(overlay_path)
             job.artifacts.update(overlay=overlay, stamp=stamp)
         fields["quality"] = quality.assess(prepared.measures, self.card.get("quality"))
         return fields
