@@ -49,6 +49,7 @@ def _slide_lines(flat, starts, inc, lengths, coeff2, lo, hi, corners):
         n_max = max(n_max, lengths[k])
     n_max = max(n_max, 1)
     cache = np.empty(n_max, np.float64)
+    candidates = np.empty(n_max, np.int64)   # positions that pass ImageJ's curvature pre-test
     hull = np.empty(n_max, np.int64)          # touching points so far (positions in the line)
     hull_slope = np.empty(n_max, np.float64)  # w-slope of the segment ending at each of them
     curvature_test = CURVATURE_FRACTION * coeff2
@@ -58,18 +59,26 @@ def _slide_lines(flat, starts, inc, lengths, coeff2, lo, hi, corners):
         for i in range(length):
             cache[i] = flat[p]
             p += inc
-        # Lower convex hull of w = v + coeff2 * x**2 over the candidates (ImageJ's pre-test keeps
-        # a point unless its second difference rules out any contact), built left to right: a
+        # ImageJ's pre-test keeps a point unless its second difference rules out any contact. The
+        # list is built without a branch (noise makes that test unpredictable), ends always kept.
+        n = 0
+        for i in range(1, length - 1):
+            candidates[n] = i
+            n += cache[i] + cache[i] - cache[i - 1] - cache[i + 1] < curvature_test
+        if length > 1:
+            candidates[n] = length - 1
+            n += 1
+        # Lower convex hull of w = v + coeff2 * x**2 over the candidates, built left to right: a
         # point whose w-slope from its left neighbour exceeds the slope to the next one lies
         # strictly above their chord and is dropped. These are the points the parabola touches.
         top = 0
         hull[0] = 0
-        for i in range(1, length):
-            if i < length - 1 and cache[i] + cache[i] - cache[i - 1] - cache[i + 1] >= curvature_test:
-                continue
+        for q in range(n):
+            i = candidates[q]
+            value = cache[i]
             while True:
                 a = hull[top]
-                slope = (cache[i] - cache[a]) / (i - a) + coeff2 * (i + a)
+                slope = (value - cache[a]) / (i - a) + coeff2 * (i + a)
                 if top == 0 or not hull_slope[top] > slope:
                     break
                 top -= 1
