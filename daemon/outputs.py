@@ -10,9 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import cv2
 import numpy as np
 
 from daemon.errors import INTERNAL, INVALID_REQUEST, PATH_NOT_ALLOWED, ServiceError
+from tasks.thread_pool import LazyThreadPool, usable_cores
 
 MAX_SUFFIX = 10_000
 
@@ -162,28 +161,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 _ENCODERS = 4  # at most this many PNGs of one request deflate side by side
-_encoder_pool: ThreadPoolExecutor | None = None
-_encoder_lock = threading.Lock()
-
-
-def _encoders() -> ThreadPoolExecutor:
-    global _encoder_pool
-    with _encoder_lock:
-        if _encoder_pool is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            _encoder_pool = ThreadPoolExecutor(max_workers=max(1, min(cores, _ENCODERS)),
-                                               thread_name_prefix="png-encode")
-        return _encoder_pool
-
-
-def _forget_encoders_after_fork() -> None:
-    """A forked child has none of the parent's threads: it starts its own pool when it needs one."""
-    global _encoder_pool, _encoder_lock
-    _encoder_pool, _encoder_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_encoders_after_fork)
+_encoders = LazyThreadPool(lambda: min(usable_cores(), _ENCODERS), "png-encode")
 
 
 def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
@@ -191,7 +169,7 @@ def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
     so a request's heat map and overlay cost about one encoding instead of two."""
     if len(images) < 2:
         return [encode_png(image) for image in images]
-    return list(_encoders().map(encode_png, images))
+    return list(_encoders.get().map(encode_png, images))
 
 
 def write_png(folder: Path | Destination, stem: str, image: np.ndarray) -> Path:

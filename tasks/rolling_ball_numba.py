@@ -15,13 +15,13 @@ never waits for it; until it is done, callers get False from ``ready`` and use n
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
+
+from tasks.thread_pool import LazyThreadPool, usable_cores
 
 log = logging.getLogger("tasks.rolling_ball")
 
@@ -37,8 +37,6 @@ _ready = threading.Event()
 _started = threading.Lock()
 _compiling: threading.Thread | None = None
 _failure: str | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def _slide_lines(flat, starts, inc, lengths, coeff2, lo, hi, corners):
@@ -164,29 +162,10 @@ def failure() -> str | None:
 
 
 def _threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, _MAX_THREADS))
+    return max(1, min(usable_cores(), _MAX_THREADS))
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, _threads() - 1), thread_name_prefix="rolling-ball")
-        return _pool
-
-
-def _forget_pool_after_fork() -> None:
-    """A forked child (a DataLoader worker) has none of the parent's threads: start its own pool."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+_pool = LazyThreadPool(lambda: _threads() - 1, "rolling-ball")  # the calling thread takes a share too
 
 
 @lru_cache(maxsize=32)  # panoramics from one device share their size (a size has ~12 line sets)
@@ -208,7 +187,7 @@ def slide_lines(flat: np.ndarray, starts: np.ndarray, inc: int, lengths: np.ndar
         return corners
     parts = _threads() if flat.size >= 1 << 16 else 1
     chunks = _chunks(lengths.tobytes(), parts)
-    futures = [_executor().submit(_kernel, flat, starts, inc, lengths, coeff2, lo, hi, corners)
+    futures = [_pool.get().submit(_kernel, flat, starts, inc, lengths, coeff2, lo, hi, corners)
                for lo, hi in chunks[1:]]
     _kernel(flat, starts, inc, lengths, coeff2, *chunks[0], corners)
     for future in futures:
