@@ -54,6 +54,10 @@ class HandboneHandler(TaskHandler):
     builders = staticmethod(handbone.build_network)
 
     @classmethod
+    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
+        network.to(memory_format=torch.channels_last)   # ~25 % faster U-Net forward on a CPU (oneDNN)
+
+    @classmethod
     def check_bundle(cls, bundle: Bundle) -> None:
         handbone.card_threshold(bundle.card)   # a malformed threshold fails the card at load
 
@@ -84,7 +88,7 @@ class HandboneHandler(TaskHandler):
         return Prepared(tensor, geometry, gray, job.options["threshold"], job.options["tta"])
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
-        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device)
+        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device, memory_format=torch.channels_last)
         thresholds = torch.tensor([item.threshold for item in batch], device=inputs.device).view(-1, 1, 1, 1)
 
         def fold_sum() -> tuple[torch.Tensor, list[np.ndarray]]:
