@@ -211,7 +211,7 @@ def _read_pil(f: BinaryIO, max_pixels: int) -> np.ndarray:
         _check_cap(h, w, 1, max_pixels)
         try:
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of the pixels unless EXIF turns them
             return _pil_to_array(img)
         except ImageReadError:
             raise
@@ -227,7 +227,9 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     if mode in _HIGH_DEPTH_MODES:
         values = np.asarray(img).astype(np.float64)
         return window_to_uint8(values, float(values.min()), float(values.max()))
-    if mode in ("1", "L", "LA", "La"):
+    if mode == "L":
+        return np.asarray(img)
+    if mode in ("1", "LA", "La"):
         return np.asarray(img.convert("L"))
     return np.asarray(img.convert("RGB"))  # RGB, RGBA (alpha dropped), P/PA, CMYK, YCbCr, LAB...
 
