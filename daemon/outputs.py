@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -164,12 +164,21 @@ _ENCODERS = 4  # at most this many PNGs of one request deflate side by side
 _encoders = LazyThreadPool(lambda: min(usable_cores(), _ENCODERS), "png-encode")
 
 
-def encode_pngs(images: Sequence[np.ndarray]) -> list[bytes]:
+Render = Callable[[], np.ndarray]
+
+
+def encode_pngs(images: Sequence[np.ndarray | Render]) -> list[bytes]:
     """PNG bytes of several images, encoded side by side: OpenCV releases the GIL while it deflates,
-    so a request's heat map and overlay cost about one encoding instead of two."""
+    so a request's heat map and overlay cost about one encoding instead of two. An item may be a
+    function that renders the image: it is called in the worker, so that no more images than there
+    are workers are held at once (brixia's six full-size CAM overlays)."""
     if len(images) < 2:
-        return [encode_png(image) for image in images]
-    return list(_encoders.get().map(encode_png, images))
+        return [_encode_item(image) for image in images]
+    return list(_encoders.get().map(_encode_item, images))
+
+
+def _encode_item(item: np.ndarray | Render) -> bytes:
+    return encode_png(item() if callable(item) else item)
 
 
 def write_png(folder: Path | Destination, stem: str, image: np.ndarray) -> Path:
@@ -177,7 +186,7 @@ def write_png(folder: Path | Destination, stem: str, image: np.ndarray) -> Path:
     return write_bytes(folder, stem, ".png", encode_png(image))
 
 
-def write_pngs(folder: Path | Destination, images: Mapping[str, np.ndarray]) -> dict[str, Path]:
-    """``write_png`` for several ``{stem: image}`` at once (encoded side by side, written in order)."""
+def write_pngs(folder: Path | Destination, images: Mapping[str, np.ndarray | Render]) -> dict[str, Path]:
+    """``write_png`` for several ``{stem: image or renderer}`` at once (encoded side by side, written in order)."""
     encoded = encode_pngs(list(images.values()))
     return {stem: write_bytes(folder, stem, ".png", data) for stem, data in zip(images, encoded)}

@@ -55,14 +55,12 @@ def test_one_sided_padding_stays_a_pad_layer():
     assert moved and all(isinstance(m.static_padding, nn.Identity) for m in moved)
 
 
-def test_folded_network_matches_with_input_gradients_and_keeps_frozen_flags():
+def test_served_network_matches_with_input_gradients_and_keeps_cam_flags():
+    from daemon.handlers.osteo import OsteoHandler
+
     reference = library_network().eval()
     network = served_copy(reference).eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
-    for parameter in network._blocks[-1].parameters():
-        parameter.requires_grad_(True)
-    osteo.ready_for_inference(network)
+    OsteoHandler.prepare_network("osteo", network)  # what the daemon does to each loaded fold
     assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
     assert all(p.requires_grad for p in network._blocks[-1].parameters())
     assert not any(p.requires_grad for p in network._conv_stem.parameters())

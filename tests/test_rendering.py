@@ -54,3 +54,21 @@ def test_write_pngs_encodes_side_by_side_and_never_overwrites(tmp_path):
     for stem, image in images.items():
         with Image.open(first[stem]) as written:
             np.testing.assert_array_equal(np.asarray(written), image)
+
+
+def test_write_pngs_renders_lazily_and_passes_errors_on(tmp_path):
+    from daemon import outputs
+
+    image = np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)
+    rendered = []
+
+    def render():
+        rendered.append(True)
+        return image
+
+    written = outputs.write_pngs(tmp_path, {"b_overlay": image, "b_cam": render})
+    assert rendered == [True]
+    with Image.open(written["b_cam"]) as cam:
+        np.testing.assert_array_equal(np.asarray(cam), image)
+    with pytest.raises(ValueError, match="uint8"):
+        outputs.encode_pngs([image, image.astype(np.float32)])

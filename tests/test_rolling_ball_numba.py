@@ -3,6 +3,7 @@ serves when numba is missing, and a cache that goes where numba is told."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,16 +52,25 @@ def test_the_compiled_kernel_is_cached_where_numba_is_told(tmp_path):
     assert list((tmp_path / "cache").rglob("*.nbi")), "no numba cache index written"
 
 
-def test_a_forked_child_uses_the_kernel_too():
-    """A DataLoader-style fork after the parent used its thread pool still gets its lines filtered."""
+def test_a_forked_child_uses_the_kernel_too(monkeypatch):
+    """A DataLoader-style fork after the parent used its thread pools (the rolling ball's lines, the PNG
+    encoders) still gets its lines filtered and its PNGs encoded; a child stuck on its parent's pool is
+    killed by an alarm, so the test fails instead of hanging."""
+    from daemon import outputs
+
     assert rolling_ball_numba.wait(120)
+    monkeypatch.setattr(rolling_ball_numba, "_threads", lambda: 2)  # lines go to the pool even on one core
     image = xray_like(300, 400, seed=12)
-    expected = subtract_background(image, 50)  # starts the parent's pool
+    expected = subtract_background(image, 50)  # starts the parent's pools
+    pngs = outputs.encode_pngs([image, image[::-1]])
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: answer through the pipe, never return into pytest
         try:
-            os.write(write_end, b"1" if np.array_equal(subtract_background(image, 50), expected) else b"0")
+            signal.alarm(60)
+            same = (np.array_equal(subtract_background(image, 50), expected)
+                    and outputs.encode_pngs([image, image[::-1]]) == pngs)
+            os.write(write_end, b"1" if same else b"0")
         finally:
             os._exit(0)
     os.close(write_end)

@@ -200,7 +200,8 @@ class BrixiaHandler(TaskHandler):
         pngs = {f"{stem}_overlay_{stamp}": overlay}
         if inferred.cams is not None:
             cams = probabilities_at_input(inferred.cams, geometry)
-            pngs.update({f"{stem}_cam{region}_{stamp}": rendering.heat_overlay(prepared.gray, cams[r])
+            # Rendered by the encoders one by one: six full-size RGB overlays are never held at once.
+            pngs.update({f"{stem}_cam{region}_{stamp}": functools.partial(rendering.heat_overlay, prepared.gray, cams[r])
                          for r, region in enumerate(brixia.REGIONS)})
         written = list(write_pngs(folder, pngs).values())
         overlay_path = written[0]
