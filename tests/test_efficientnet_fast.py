@@ -60,7 +60,8 @@ def test_served_network_matches_with_input_gradients_and_keeps_cam_flags():
 
     reference = library_network().eval()
     network = served_copy(reference).eval()
-    OsteoHandler.prepare_network("osteo", network)  # what the daemon does to each loaded fold
+    OsteoHandler.prepare_network("osteo", network)  # what TaskHandler.from_bundle does to each loaded fold
+    network.to(memory_format=OsteoHandler.memory_format)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
     assert all(p.requires_grad for p in network._blocks[-1].parameters())
     assert not any(p.requires_grad for p in network._conv_stem.parameters())

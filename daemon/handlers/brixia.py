@@ -73,12 +73,12 @@ class BrixiaHandler(TaskHandler):
     builders = {"seg": brixia.build_segmenter, "stn": brixia.build_stn, "orient": brixia_orient.build_orient,
                 "score": brixia.build_scorer}
     required_models = ("seg", "score")
+    memory_format = torch.channels_last
 
     @classmethod
     def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
         for parameter in network.parameters():
             parameter.requires_grad_(False)   # Grad-CAM differentiates w.r.t. features only
-        network.to(memory_format=torch.channels_last)   # ~30 % faster convolutions on a CPU (oneDNN)
 
     @classmethod
     def check_bundle(cls, bundle: Bundle) -> None:
@@ -129,7 +129,7 @@ class BrixiaHandler(TaskHandler):
 
     def infer(self, batch: list[Prepared]) -> list[Inferred | BaseException]:
         device = self.settings.device
-        inputs = torch.stack([item.tensor for item in batch]).to(device, memory_format=torch.channels_last)
+        inputs = torch.stack([item.tensor for item in batch]).to(device, memory_format=self.memory_format)
         # A film that is not upright-frontal, or whose lungs and heart are not where a frontal film has them,
         # is refused (unreadable_image): its score would be a number without meaning, or swap A-C and D-F.
         readings = brixia_chain.read_films(self.chain_models, inputs, [item.frame for item in batch], device,
@@ -142,7 +142,7 @@ class BrixiaHandler(TaskHandler):
         if keep:
             packed = [brixia.scorer_inputs(readings[k].sample, self.card["input"]) for k in keep]
             stacked = {key: torch.stack([p[key] for p in packed]).to(device) for key in packed[0]}
-            stacked["image"] = stacked["image"].contiguous(memory_format=torch.channels_last)
+            stacked["image"] = stacked["image"].contiguous(memory_format=self.memory_format)
             scores, fold_scores, cams = self._score(stacked, [batch[k].cams for k in keep])
             region_opacity = (brixia.region_opacity(stacked["regions"], stacked["opacity"]).cpu().numpy()
                               if "opacity" in stacked else None)

@@ -52,10 +52,7 @@ class HandboneHandler(TaskHandler):
     fields = frozenset({"img_path", "destination_path", "threshold", "tta"})
 
     builders = staticmethod(handbone.build_network)
-
-    @classmethod
-    def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
-        network.to(memory_format=torch.channels_last)   # ~25 % faster U-Net forward on a CPU (oneDNN)
+    memory_format = torch.channels_last
 
     @classmethod
     def check_bundle(cls, bundle: Bundle) -> None:
@@ -88,7 +85,7 @@ class HandboneHandler(TaskHandler):
         return Prepared(tensor, geometry, gray, job.options["threshold"], job.options["tta"])
 
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
-        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device, memory_format=torch.channels_last)
+        inputs = torch.stack([item.tensor for item in batch]).to(self.settings.device, memory_format=self.memory_format)
         thresholds = torch.tensor([item.threshold for item in batch], device=inputs.device).view(-1, 1, 1, 1)
 
         def fold_sum() -> tuple[torch.Tensor, list[np.ndarray]]:

@@ -19,6 +19,7 @@ from daemon.errors import INVALID_REQUEST, ServiceError
 from daemon.handlers.base import Job, TaskHandler
 from daemon.outputs import output_stem, timestamp, write_pngs
 from tasks import osteo, quality, rolling_ball_numba, uncertainty
+from tasks.nets.efficientnet import fold_batch_norms
 
 
 @dataclass
@@ -45,10 +46,11 @@ class OsteoHandler(TaskHandler):
     leading_fields = ("diagnosis", "saliency_img_path", "overlay_img_path")
 
     builders = staticmethod(osteo.build_network)
+    memory_format = torch.channels_last
 
     @classmethod
     def prepare_network(cls, model: str, network: torch.nn.Module) -> None:
-        osteo.ready_for_inference(network)
+        fold_batch_norms(network)   # with channels-last, about half the cost of a forward + backward on CPU
         explain.freeze_for_cam(network, osteo.explain_target_layer(network))
 
     def dummy_inputs(self) -> list[Prepared]:
@@ -75,7 +77,7 @@ class OsteoHandler(TaskHandler):
     def infer(self, batch: list[Prepared]) -> list[Inferred]:
         # One forward pass per fold serves both the probabilities and the map (explain.explained_prediction).
         inputs = torch.stack([osteo.to_tensor(item.shown, self.card["input"]) for item in batch])
-        inputs = inputs.to(self.settings.device, memory_format=torch.channels_last)
+        inputs = inputs.to(self.settings.device, memory_format=self.memory_format)
         results: list[Inferred | None] = [None] * len(batch)
         for method in dict.fromkeys(item.method for item in batch):
             rows = [i for i, item in enumerate(batch) if item.method == method]
